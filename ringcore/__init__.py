@@ -1,0 +1,95 @@
+"""ringcore: the Linux BPF ring buffer, for processes.
+
+A multi-producer, single-consumer ring in shared memory. The process that
+creates a :class:`Ring` is its consumer; a ``Ring`` handed to a
+``multiprocessing.Process`` (fork or spawn) arrives in the child as a producer
+on the same ring.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from multiprocessing.reduction import DupFd
+
+from ringcore._ringcore import (
+    BUSY_BIT,
+    DISCARD_BIT,
+    FORCE_WAKEUP,
+    HEADER_SIZE,
+    MAX_SIZE,
+    NO_WAKEUP,
+    PAGE_SIZE,
+    NotConsumerError,
+    Reservation,
+    ReservationError,
+    RingClosedError,
+    RingCorruptedError,
+    RingError,
+    RingQuery,
+)
+from ringcore._ringcore import Ring as _CRing
+
+__all__ = [
+    "BUSY_BIT",
+    "DISCARD_BIT",
+    "FORCE_WAKEUP",
+    "HEADER_SIZE",
+    "MAX_SIZE",
+    "NO_WAKEUP",
+    "PAGE_SIZE",
+    "NotConsumerError",
+    "Reservation",
+    "ReservationError",
+    "Ring",
+    "RingClosedError",
+    "RingCorruptedError",
+    "RingError",
+    "RingQuery",
+]
+
+# Every open Ring of this process, so a forked child can turn them into
+# producers before any of its code runs.
+_live_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
+
+
+class Ring(_CRing):
+    """A BPF-style MPSC ring buffer in shared memory.
+
+    ``Ring(size)`` creates a ring with a data area of ``size`` bytes (a power
+    of 2 and a multiple of the page size) and makes this process its
+    consumer.
+    """
+
+    def __init__(self, size: int) -> None:
+        _live_rings.add(self)
+
+    @classmethod
+    def _attach_fds(cls, mem_fd: int, event_fd: int) -> Ring:
+        ring = super()._attach_fds(mem_fd, event_fd)
+        _live_rings.add(ring)
+        return ring
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # DupFd passes the descriptors to a spawned child (or through the
+        # resource sharer otherwise); the child maps the same memory.
+        return (_rebuild, (DupFd(self._mem_fd), DupFd(self.fileno())))
+
+
+def _rebuild(mem_df: object, event_df: object) -> Ring:
+    mem_fd = mem_df.detach()  # type: ignore[attr-defined]
+    event_fd = event_df.detach()  # type: ignore[attr-defined]
+    try:
+        return Ring._attach_fds(mem_fd, event_fd)
+    finally:
+        # _attach_fds keeps duplicates of its own
+        os.close(mem_fd)
+        os.close(event_fd)
+
+
+def _after_fork_in_child() -> None:
+    for ring in list(_live_rings):
+        ring._after_fork_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

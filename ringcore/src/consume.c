@@ -1,0 +1,148 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The consumer side: draining committed records in order, as libbpf's
+ * ringbuf_process_ring() does, the sleep protocol on the eventfd, and the
+ * query values.
+ */
+#define _GNU_SOURCE
+#include <unistd.h>
+
+#include "ringcore.h"
+
+static inline struct rc_hdr *hdr_at(struct rc_ring *r, uint64_t pos)
+{
+	return (struct rc_hdr *)(r->data + (pos & r->mask));
+}
+
+int64_t rc_consume(struct rc_ring *r, rc_sample_fn fn, void *ctx, uint64_t max)
+{
+	/* Give space back to producers in quarters of the ring while a long
+	 * drain goes on, rather than once at its end. */
+	uint64_t publish_every = (r->mask + 1) / 4;
+	uint64_t cons, prod, published;
+	int64_t cnt = 0;
+	int corrupt = 0;
+
+	/* the consumer is the only writer of consumer_pos */
+	cons = atomic_load_explicit(&r->cons->consumer_pos,
+				    memory_order_relaxed);
+	published = cons;
+	/* Pairs with the store-release of producer_pos in rc_reserve(): the
+	 * busy headers of all records up to prod are visible. */
+	prod = atomic_load_explicit(&r->prod->producer_pos,
+				    memory_order_acquire);
+	while (cons < prod) {
+		struct rc_hdr *hdr = hdr_at(r, cons);
+		/* Pairs with the store-release in commit(): once BUSY reads
+		 * clear, the payload is complete. */
+		uint32_t len = atomic_load_explicit(&hdr->len,
+						    memory_order_acquire);
+		uint32_t size;
+		uint64_t rec;
+		int stop = 0;
+
+		if (len & RC_BUSY_BIT)
+			break;
+		size = len & ~RC_DISCARD_BIT;
+		rec = rc_record_len(size);
+		if (rec > prod - cons) {
+			corrupt = 1;
+			break;
+		}
+		if (!(len & RC_DISCARD_BIT)) {
+			stop = fn(ctx, cons, (unsigned char *)hdr + RC_HDR_SZ,
+				  size);
+			cnt++;
+		}
+		cons += rec;
+		if (cons - published >= publish_every) {
+			/* as below */
+			atomic_store_explicit(&r->cons->consumer_pos, cons,
+					      memory_order_release);
+			published = cons;
+		}
+		if (stop || (max && (uint64_t)cnt >= max))
+			break;
+	}
+	/* Pairs with the load-acquire of consumer_pos in rc_reserve(): all
+	 * reads of the consumed records happen before a producer can see the
+	 * space as free and overwrite it. */
+	if (cons != published)
+		atomic_store_explicit(&r->cons->consumer_pos, cons,
+				      memory_order_release);
+	return corrupt ? -1 : cnt;
+}
+
+int rc_ready(struct rc_ring *r)
+{
+	uint64_t cons = atomic_load_explicit(&r->cons->consumer_pos,
+					     memory_order_relaxed);
+	/* as in rc_consume() */
+	uint64_t prod = atomic_load_explicit(&r->prod->producer_pos,
+					     memory_order_acquire);
+
+	if (cons >= prod)
+		return 0;
+	/* as in rc_consume() */
+	return !(atomic_load_explicit(&hdr_at(r, cons)->len,
+				      memory_order_acquire) &
+		 RC_BUSY_BIT);
+}
+
+int rc_prepare_wait(struct rc_ring *r)
+{
+	uint64_t junk;
+
+	/* Clear wakeups sent for earlier sleeps; whatever they announced is
+	 * seen by the check below. */
+	if (read(r->event_fd, &junk, sizeof(junk)) < 0) {
+		/* EAGAIN: nothing pending */
+	}
+	atomic_store_explicit(&r->cons->waiting, 1, memory_order_relaxed);
+	/* Pairs with the fence in notify() (produce.c): either a producer's
+	 * commit is visible to rc_ready() below, or that producer sees
+	 * waiting == 1 and writes the eventfd. This is the fence whose absence
+	 * loses wakeups: without it the store of waiting may be ordered after
+	 * the loads of rc_ready(), and both sides miss each other. */
+	atomic_thread_fence(memory_order_seq_cst);
+	if (rc_ready(r)) {
+		atomic_store_explicit(&r->cons->waiting, 0,
+				      memory_order_relaxed);
+		return 0;
+	}
+	return 1;
+}
+
+void rc_finish_wait(struct rc_ring *r)
+{
+	/* A producer may take the flag at the same time and send one more
+	 * wakeup; rc_prepare_wait() clears it before the next sleep. */
+	atomic_store_explicit(&r->cons->waiting, 0, memory_order_relaxed);
+	atomic_fetch_add_explicit(&r->cons->wakeups_seen, 1,
+				  memory_order_relaxed);
+}
+
+void rc_query(struct rc_ring *r, struct rc_query *q)
+{
+	/* Acquire, as ringbuf_avail_data_sz(): a snapshot for reporting, the
+	 * two values may be momentarily out of step. */
+	q->consumer_pos = atomic_load_explicit(&r->cons->consumer_pos,
+					       memory_order_acquire);
+	q->producer_pos = atomic_load_explicit(&r->prod->producer_pos,
+					       memory_order_acquire);
+	q->avail_data = q->producer_pos - q->consumer_pos;
+	q->ring_size = r->mask + 1;
+	q->submitted = q->discarded = q->reserve_failures = q->wakeups = 0;
+	for (uint32_t i = 0; i < RC_MAX_SLOTS; i++) {
+		struct rc_slot *s = &r->slots[i];
+
+		q->submitted += atomic_load_explicit(&s->submitted,
+						     memory_order_relaxed);
+		q->discarded += atomic_load_explicit(&s->discarded,
+						     memory_order_relaxed);
+		q->reserve_failures += atomic_load_explicit(
+			&s->reserve_failures, memory_order_relaxed);
+		q->wakeups += atomic_load_explicit(&s->wakeups,
+						   memory_order_relaxed);
+	}
+}

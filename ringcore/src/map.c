@@ -1,0 +1,249 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Creating, attaching to and unmapping a ring: the memfd that holds it, the
+ * eventfd the consumer sleeps on, and the double mapping of the data area
+ * (see the diagram in ringcore.h).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ringcore.h"
+
+#define RC_SLOT_BYTES ((size_t)RC_MAX_SLOTS * sizeof(struct rc_slot))
+
+size_t rc_page_size(void)
+{
+	return (size_t)sysconf(_SC_PAGESIZE);
+}
+
+static size_t meta_pages(size_t page)
+{
+	/* ctrl, cons, prod, then the slot table */
+	return 3 + (RC_SLOT_BYTES + page - 1) / page;
+}
+
+int rc_check_size(uint64_t size)
+{
+	uint64_t page = rc_page_size();
+
+	if (size < page || size > RC_MAX_DATA_SZ || (size & (size - 1)) ||
+	    (size % page))
+		return -RC_EBADSIZE;
+	return 0;
+}
+
+const char *rc_strerror(int err)
+{
+	switch (-err) {
+	case RC_OK:
+		return "success";
+	case RC_EBADSIZE:
+		return "data size is not a power of two multiple of the page size";
+	case RC_ESYS:
+		return strerror(errno);
+	case RC_EMAGIC:
+		return "not a ringcore ring (bad magic)";
+	case RC_EVERSION:
+		return "ringcore ring of an incompatible layout version";
+	case RC_EGEOMETRY:
+		return "ring header does not match the size of its memory";
+	default:
+		return "unknown error";
+	}
+}
+
+/*
+ * Map meta pages and data once from fd, then the data pages again right
+ * after. The whole range is reserved first with an inaccessible anonymous
+ * mapping so that the two MAP_FIXED mappings land in address space we own.
+ */
+static int map_ring(struct rc_ring *r, int fd, size_t meta, uint64_t size)
+{
+	size_t page = rc_page_size();
+	size_t meta_len = meta * page;
+	size_t total = meta_len + 2 * size;
+	unsigned char *base, *p;
+
+	base = mmap(NULL, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (base == MAP_FAILED)
+		return -RC_ESYS;
+	p = mmap(base, meta_len + size, PROT_READ | PROT_WRITE,
+		 MAP_SHARED | MAP_FIXED, fd, 0);
+	if (p == MAP_FAILED)
+		goto fail;
+	p = mmap(base + meta_len + size, size, PROT_READ | PROT_WRITE,
+		 MAP_SHARED | MAP_FIXED, fd, (off_t)meta_len);
+	if (p == MAP_FAILED)
+		goto fail;
+
+	r->base = base;
+	r->map_len = total;
+	r->ctrl = (struct rc_ctrl *)base;
+	r->cons = (struct rc_cons_page *)(base + page);
+	r->prod = (struct rc_prod_page *)(base + 2 * page);
+	r->slots = (struct rc_slot *)(base + 3 * page);
+	r->data = base + meta_len;
+	r->mask = size - 1;
+	return 0;
+fail:
+	{
+		int saved = errno;
+
+		munmap(base, total);
+		errno = saved;
+	}
+	return -RC_ESYS;
+}
+
+static int init_lock(pthread_mutex_t *lock)
+{
+	pthread_mutexattr_t attr;
+	int err;
+
+	err = pthread_mutexattr_init(&attr);
+	if (!err)
+		err = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+	if (!err)
+		err = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+	if (!err)
+		err = pthread_mutex_init(lock, &attr);
+	pthread_mutexattr_destroy(&attr);
+	if (err) {
+		errno = err;
+		return -RC_ESYS;
+	}
+	return 0;
+}
+
+static void reset_handle(struct rc_ring *r)
+{
+	memset(r, 0, sizeof(*r));
+	r->mem_fd = -1;
+	r->event_fd = -1;
+}
+
+int rc_create(struct rc_ring *r, uint64_t size)
+{
+	size_t page = rc_page_size();
+	size_t meta = meta_pages(page);
+	off_t file_len;
+	int err;
+
+	reset_handle(r);
+	err = rc_check_size(size);
+	if (err)
+		return err;
+	file_len = (off_t)(meta * page + size);
+
+	r->mem_fd = memfd_create("ringcore", MFD_CLOEXEC);
+	if (r->mem_fd < 0)
+		goto sys_fail;
+	if (ftruncate(r->mem_fd, file_len))
+		goto sys_fail;
+	/* Allocate every page now: a ring that does not fit fails here with
+	 * ENOSPC/ENOMEM instead of SIGBUS on first touch. */
+	err = posix_fallocate(r->mem_fd, 0, file_len);
+	if (err) {
+		errno = err;
+		goto sys_fail;
+	}
+	r->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (r->event_fd < 0)
+		goto sys_fail;
+	err = map_ring(r, r->mem_fd, meta, size);
+	if (err)
+		goto fail;
+	err = init_lock(&r->prod->lock);
+	if (err)
+		goto fail;
+
+	r->prod->pending_pos = 0;
+	atomic_store_explicit(&r->prod->producer_pos, 0, memory_order_relaxed);
+	atomic_store_explicit(&r->cons->consumer_pos, 0, memory_order_relaxed);
+	r->ctrl->version = RC_VERSION;
+	r->ctrl->page_size = (uint32_t)page;
+	r->ctrl->data_size = size;
+	r->ctrl->meta_pages = (uint32_t)meta;
+	r->ctrl->max_slots = RC_MAX_SLOTS;
+	r->ctrl->creator_pid = (uint32_t)getpid();
+	/* Written last, after everything it vouches for; pairs with the
+	 * acquire load in rc_attach(). */
+	__atomic_store_n(&r->ctrl->magic, RC_MAGIC, __ATOMIC_RELEASE);
+	return 0;
+
+sys_fail:
+	err = -RC_ESYS;
+fail:
+	{
+		int saved = errno;
+
+		rc_close(r);
+		errno = saved;
+	}
+	return err;
+}
+
+int rc_attach(struct rc_ring *r, int mem_fd, int event_fd)
+{
+	size_t page = rc_page_size();
+	struct rc_ctrl ctrl;
+	struct stat st;
+	int err;
+
+	reset_handle(r);
+	if (fstat(mem_fd, &st))
+		return -RC_ESYS;
+	if ((size_t)st.st_size < page)
+		return -RC_EGEOMETRY;
+	/* Read the control page through pread, not a mapping: its values
+	 * decide how large the mapping is. */
+	if (pread(mem_fd, &ctrl, sizeof(ctrl), 0) != (ssize_t)sizeof(ctrl))
+		return -RC_EGEOMETRY;
+	if (ctrl.magic != RC_MAGIC)
+		return -RC_EMAGIC;
+	if (ctrl.version != RC_VERSION)
+		return -RC_EVERSION;
+	if (ctrl.page_size != page || ctrl.meta_pages != meta_pages(page) ||
+	    ctrl.max_slots != RC_MAX_SLOTS || rc_check_size(ctrl.data_size) ||
+	    (uint64_t)st.st_size != ctrl.meta_pages * page + ctrl.data_size)
+		return -RC_EGEOMETRY;
+
+	r->mem_fd = fcntl(mem_fd, F_DUPFD_CLOEXEC, 0);
+	if (r->mem_fd < 0)
+		goto sys_fail;
+	r->event_fd = fcntl(event_fd, F_DUPFD_CLOEXEC, 0);
+	if (r->event_fd < 0)
+		goto sys_fail;
+	err = map_ring(r, r->mem_fd, ctrl.meta_pages, ctrl.data_size);
+	if (err)
+		goto fail;
+	return 0;
+
+sys_fail:
+	err = -RC_ESYS;
+fail:
+	{
+		int saved = errno;
+
+		rc_close(r);
+		errno = saved;
+	}
+	return err;
+}
+
+void rc_close(struct rc_ring *r)
+{
+	if (r->base)
+		munmap(r->base, r->map_len);
+	if (r->mem_fd >= 0)
+		close(r->mem_fd);
+	if (r->event_fd >= 0)
+		close(r->event_fd);
+	reset_handle(r);
+}

@@ -1,0 +1,357 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The producer side: reservation in a short critical section, lock-free
+ * commit, and the wakeup decision after commit. Follows
+ * __bpf_ringbuf_reserve() and bpf_ringbuf_commit() in kernel/bpf/ringbuf.c.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ringcore.h"
+
+#define SPIN_TRIES 128
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
+static inline struct rc_hdr *hdr_at(struct rc_ring *r, uint64_t pos)
+{
+	return (struct rc_hdr *)(r->data + (pos & r->mask));
+}
+
+static inline struct rc_hdr *hdr_of(void *sample)
+{
+	return (struct rc_hdr *)((unsigned char *)sample - RC_HDR_SZ);
+}
+
+/*
+ * The critical section only advances positions and writes busy headers. If
+ * a producer dies inside it, the robust mutex hands the lock to the next
+ * producer with EOWNERDEAD, and what the dead one left is consistent:
+ *  - died before storing producer_pos: the header it may have written lies
+ *    past producer_pos, where nobody reads, and is overwritten next;
+ *  - died after: its record is reserved and stays busy (a dead producer
+ *    between reserve and submit, which the consumer must deal with anyway).
+ * pending_pos is a single aligned store of a value recomputed from headers.
+ * So marking the mutex consistent again is all the repair there is.
+ */
+static void ring_lock(struct rc_ring *r)
+{
+	pthread_mutex_t *lock = &r->prod->lock;
+	int err;
+
+	/* The section is a few dozen instructions: spin a little before
+	 * sleeping in the kernel. */
+	for (int i = 0; i < SPIN_TRIES; i++) {
+		err = pthread_mutex_trylock(lock);
+		if (err == 0)
+			return;
+		if (err == EOWNERDEAD)
+			goto owner_died;
+		cpu_relax();
+	}
+	err = pthread_mutex_lock(lock);
+	if (err != EOWNERDEAD)
+		return;
+owner_died:
+	pthread_mutex_consistent(lock);
+}
+
+static inline void ring_unlock(struct rc_ring *r)
+{
+	pthread_mutex_unlock(&r->prod->lock);
+}
+
+static bool pid_is_dead(uint32_t pid)
+{
+	return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+}
+
+static bool claim(struct rc_slot *s, uint32_t expected, uint32_t pid)
+{
+	return atomic_compare_exchange_strong_explicit(
+		&s->pid, &expected, pid, memory_order_relaxed,
+		memory_order_relaxed);
+}
+
+struct rc_slot *rc_my_slot(struct rc_ring *r)
+{
+	uint32_t pid = (uint32_t)getpid();
+	uint32_t i;
+
+	if (r->slot)
+		return r->slot;
+	for (i = 1; i < RC_MAX_SLOTS; i++)
+		if (claim(&r->slots[i], 0, pid))
+			goto found;
+	/* Take over the slot of a process that exited without releasing it;
+	 * its counters stay in the totals and go on counting for us. */
+	for (i = 1; i < RC_MAX_SLOTS; i++) {
+		uint32_t old = atomic_load_explicit(&r->slots[i].pid,
+						    memory_order_relaxed);
+		if (old && old != pid && pid_is_dead(old) &&
+		    claim(&r->slots[i], old, pid))
+			goto found;
+	}
+	i = 0; /* all taken by live processes: share slot 0 */
+found:
+	r->slot_idx = i;
+	r->slot = &r->slots[i];
+	return r->slot;
+}
+
+void rc_forget_slot(struct rc_ring *r)
+{
+	r->slot = NULL;
+	r->slot_idx = 0;
+}
+
+/*
+ * Walk pending_pos forward over committed records, as the kernel does since
+ * 2024: a new reservation may not overrun a record that is still busy, even
+ * when the consumer position says there is room (the consumer stops at the
+ * busy record, but a producer that lapped it would overwrite it).
+ * Called with the lock held.
+ */
+static uint64_t advance_pending(struct rc_ring *r, uint64_t prod_pos)
+{
+	uint64_t pend = r->prod->pending_pos;
+
+	while (pend < prod_pos) {
+		/* Relaxed: only the length is used here, to step over the
+		 * record; the payload is never read. */
+		uint32_t len = atomic_load_explicit(&hdr_at(r, pend)->len,
+						    memory_order_relaxed);
+		uint64_t rec;
+
+		if (len & RC_BUSY_BIT)
+			break;
+		rec = rc_record_len(len & ~RC_DISCARD_BIT);
+		if (rec > prod_pos - pend)
+			break; /* a corrupt length: never walk past prod_pos */
+		pend += rec;
+	}
+	r->prod->pending_pos = pend;
+	return pend;
+}
+
+static inline bool fits(struct rc_ring *r, uint64_t new_prod, uint64_t cons,
+			uint64_t pend)
+{
+	/* the producer position may not run more than size - 1 ahead of
+	 * either the consumer or the oldest busy record */
+	return new_prod - cons <= r->mask && new_prod - pend <= r->mask;
+}
+
+static inline void write_busy_hdr(struct rc_ring *r, uint64_t pos,
+				  uint32_t size)
+{
+	struct rc_hdr *hdr = hdr_at(r, pos);
+
+	/* Relaxed: published by the release store of producer_pos below */
+	atomic_store_explicit(&hdr->len, size | RC_BUSY_BIT,
+			      memory_order_relaxed);
+	hdr->pg_off = r->slot_idx;
+}
+
+void *rc_reserve(struct rc_ring *r, uint32_t size, uint64_t *pos)
+{
+	struct rc_slot *slot = rc_my_slot(r);
+	uint64_t len = rc_record_len(size);
+	uint64_t cons, prod, pend;
+
+	ring_lock(r);
+	/* Pairs with the consumer's store-release of consumer_pos in
+	 * rc_consume(): once we see it past a record, the consumer is done
+	 * reading that record and its space may be reused. */
+	cons = atomic_load_explicit(&r->cons->consumer_pos,
+				    memory_order_acquire);
+	/* only written under the lock we hold */
+	prod = atomic_load_explicit(&r->prod->producer_pos,
+				    memory_order_relaxed);
+	pend = advance_pending(r, prod);
+	if (!fits(r, prod + len, cons, pend)) {
+		ring_unlock(r);
+		atomic_fetch_add_explicit(&slot->reserve_failures, 1,
+					  memory_order_relaxed);
+		return NULL;
+	}
+	write_busy_hdr(r, prod, size);
+	/* Pairs with the consumer's load-acquire of producer_pos: a consumer
+	 * that sees the new position also sees the busy header. */
+	atomic_store_explicit(&r->prod->producer_pos, prod + len,
+			      memory_order_release);
+	ring_unlock(r);
+	if (pos)
+		*pos = prod;
+	return (unsigned char *)hdr_at(r, prod) + RC_HDR_SZ;
+}
+
+size_t rc_reserve_batch(struct rc_ring *r, const uint32_t *sizes, size_t n,
+			void **out, uint64_t *first_pos)
+{
+	struct rc_slot *slot = rc_my_slot(r);
+	uint64_t cons, prod, pend, pos;
+	size_t i;
+
+	if (n == 0)
+		return 0;
+	ring_lock(r);
+	/* as in rc_reserve() */
+	cons = atomic_load_explicit(&r->cons->consumer_pos,
+				    memory_order_acquire);
+	prod = atomic_load_explicit(&r->prod->producer_pos,
+				    memory_order_relaxed);
+	pend = advance_pending(r, prod);
+	pos = prod;
+	if (first_pos)
+		*first_pos = prod;
+	for (i = 0; i < n; i++) {
+		uint64_t len = rc_record_len(sizes[i]);
+
+		if (!fits(r, pos + len, cons, pend))
+			break;
+		write_busy_hdr(r, pos, sizes[i]);
+		out[i] = (unsigned char *)hdr_at(r, pos) + RC_HDR_SZ;
+		pos += len;
+	}
+	if (pos != prod)
+		/* as in rc_reserve() */
+		atomic_store_explicit(&r->prod->producer_pos, pos,
+				      memory_order_release);
+	ring_unlock(r);
+	if (i < n)
+		atomic_fetch_add_explicit(&slot->reserve_failures, n - i,
+					  memory_order_relaxed);
+	return i;
+}
+
+static void signal_consumer(struct rc_ring *r)
+{
+	uint64_t one = 1;
+
+	/* EAGAIN means the counter is saturated: the consumer is woken
+	 * anyway. */
+	if (write(r->event_fd, &one, sizeof(one)) == sizeof(one))
+		atomic_fetch_add_explicit(&rc_my_slot(r)->wakeups, 1,
+					  memory_order_relaxed);
+}
+
+/*
+ * The kernel wakes the consumer after a commit when the consumer position
+ * equals the committed record's position: the consumer has caught up and
+ * waits for exactly this record. A fast consumer is caught up nearly all the
+ * time, so nearly every record costs a wakeup (irq_work + wake_up_all there,
+ * an eventfd write here) although the consumer is busy, not asleep.
+ *
+ * ringcore keeps the kernel's rule and adds one condition: the consumer must
+ * also have announced that it is going to sleep (cons->waiting, set in
+ * rc_prepare_wait()). Only the producer that flips the flag back to 0 writes
+ * the eventfd, so a sleeping consumer gets one wakeup, and a running one none.
+ *
+ * [off, off + span) is the part of the data area the records just committed
+ * occupy (offsets, so it may wrap). The consumer position always sits on a
+ * record boundary, so for one record this is the kernel's equality test.
+ */
+static void notify(struct rc_ring *r, uint64_t off, uint64_t span,
+		   unsigned flags)
+{
+	uint64_t cons;
+
+	if ((flags & RC_NO_WAKEUP) && !(flags & RC_FORCE_WAKEUP))
+		return;
+	/* Pairs with the fence in rc_prepare_wait(). Either this fence comes
+	 * first, and the consumer's check after its fence sees our commit
+	 * (and the producer_pos store that came before it); or the consumer's
+	 * fence comes first, and the loads below see waiting == 1 and the
+	 * consumer_pos it stored before setting waiting. No lost wakeup. */
+	atomic_thread_fence(memory_order_seq_cst);
+	if (flags & RC_FORCE_WAKEUP) {
+		signal_consumer(r);
+		return;
+	}
+	if (!atomic_load_explicit(&r->cons->waiting, memory_order_relaxed))
+		return;
+	cons = atomic_load_explicit(&r->cons->consumer_pos,
+				    memory_order_relaxed);
+	if (((cons - off) & r->mask) >= span)
+		return;
+	/* one wakeup per sleep, whoever gets here first */
+	if (atomic_exchange_explicit(&r->cons->waiting, 0,
+				     memory_order_relaxed))
+		signal_consumer(r);
+}
+
+/* commit one record; returns its offset in the data area */
+static uint64_t commit(struct rc_ring *r, void *sample, bool discard)
+{
+	struct rc_hdr *hdr = hdr_of(sample);
+	/* our own header: nobody else writes it while it is busy */
+	uint32_t new_len = atomic_load_explicit(&hdr->len,
+						memory_order_relaxed) ^
+			   RC_BUSY_BIT;
+
+	if (discard)
+		new_len |= RC_DISCARD_BIT;
+	/* Pairs with the consumer's load-acquire of the header in
+	 * rc_consume(): whoever sees BUSY clear sees the whole payload. */
+	atomic_store_explicit(&hdr->len, new_len, memory_order_release);
+	return (uint64_t)((unsigned char *)hdr - r->data);
+}
+
+void rc_submit(struct rc_ring *r, void *sample, unsigned flags)
+{
+	uint64_t off = commit(r, sample, false);
+
+	atomic_fetch_add_explicit(&rc_my_slot(r)->submitted, 1,
+				  memory_order_relaxed);
+	notify(r, off, RC_HDR_SZ, flags);
+}
+
+void rc_discard(struct rc_ring *r, void *sample, unsigned flags)
+{
+	uint64_t off = commit(r, sample, true);
+
+	atomic_fetch_add_explicit(&rc_my_slot(r)->discarded, 1,
+				  memory_order_relaxed);
+	notify(r, off, RC_HDR_SZ, flags);
+}
+
+void rc_submit_batch(struct rc_ring *r, void **samples, size_t n,
+		     unsigned flags)
+{
+	uint64_t first, last;
+
+	if (n == 0)
+		return;
+	first = commit(r, samples[0], false);
+	last = first;
+	for (size_t i = 1; i < n; i++)
+		last = commit(r, samples[i], false);
+	atomic_fetch_add_explicit(&rc_my_slot(r)->submitted, n,
+				  memory_order_relaxed);
+	/* the batch was reserved in one piece: it spans first..last */
+	notify(r, first, ((last - first) & r->mask) + RC_HDR_SZ, flags);
+}
+
+int rc_output(struct rc_ring *r, const void *data, uint32_t size,
+	      unsigned flags)
+{
+	void *sample = rc_reserve(r, size, NULL);
+
+	if (!sample)
+		return -1;
+	memcpy(sample, data, size);
+	rc_submit(r, sample, flags);
+	return 0;
+}

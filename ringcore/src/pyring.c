@@ -1,0 +1,857 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The Ring type: one process's handle on a ring. The process that creates
+ * the ring is its consumer; handles made in other processes (a forked child,
+ * a spawned child that unpickled it) are producers.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <time.h>
+
+#include "pyringcore.h"
+
+#define FASTCALL_KW(fn) ((PyCFunction)(void (*)(void))(fn))
+
+static int check_open(RingObject *self)
+{
+	if (!self->ring.base) {
+		PyErr_SetString(RingClosedError, "the ring is closed");
+		return -1;
+	}
+	return 0;
+}
+
+static int check_consumer(RingObject *self, const char *what)
+{
+	if (check_open(self))
+		return -1;
+	if (!self->is_consumer) {
+		PyErr_Format(NotConsumerError,
+			     "%s() needs the consumer: this handle is a producer "
+			     "(the ring was created in another process)",
+			     what);
+		return -1;
+	}
+	return 0;
+}
+
+static void raise_size_error(unsigned long long size)
+{
+	unsigned long long page = rc_page_size(), lo = page, hi;
+
+	if (size > RC_MAX_DATA_SZ) {
+		PyErr_Format(PyExc_ValueError,
+			     "ring size %llu is too large: the largest is %llu "
+			     "(2 GiB)",
+			     size, (unsigned long long)RC_MAX_DATA_SZ);
+		return;
+	}
+	while (lo * 2 <= size)
+		lo *= 2;
+	hi = lo < size ? lo * 2 : lo;
+	if (size < page)
+		PyErr_Format(PyExc_ValueError,
+			     "ring size %llu is too small: it must be a power of "
+			     "2 and a multiple of the page size (%llu); nearest "
+			     "valid size: %llu",
+			     size, page, page);
+	else
+		PyErr_Format(PyExc_ValueError,
+			     "ring size %llu is not a power of 2 multiple of the "
+			     "page size (%llu); nearest valid sizes: %llu and %llu",
+			     size, page, lo, hi);
+}
+
+static void raise_rc_error(int err, const char *what)
+{
+	if (err == -RC_ESYS)
+		PyErr_SetFromErrno(PyExc_OSError);
+	else
+		PyErr_Format(RingError, "%s: %s", what, rc_strerror(err));
+}
+
+static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+	static char *kwlist[] = {"size", NULL};
+	unsigned long long size;
+	RingObject *self;
+	int err;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "K:Ring", kwlist, &size))
+		return NULL;
+	if (rc_check_size(size)) {
+		raise_size_error(size);
+		return NULL;
+	}
+	self = (RingObject *)type->tp_alloc(type, 0);
+	if (!self)
+		return NULL;
+	err = rc_create(&self->ring, size);
+	if (err) {
+		raise_rc_error(err, "cannot create ring");
+		Py_DECREF(self);
+		return NULL;
+	}
+	self->is_consumer = 1;
+	return (PyObject *)self;
+}
+
+static PyObject *Ring_attach_fds(PyTypeObject *type, PyObject *args)
+{
+	int mem_fd, event_fd, err;
+	RingObject *self;
+
+	if (!PyArg_ParseTuple(args, "ii:_attach_fds", &mem_fd, &event_fd))
+		return NULL;
+	self = (RingObject *)type->tp_alloc(type, 0);
+	if (!self)
+		return NULL;
+	err = rc_attach(&self->ring, mem_fd, event_fd);
+	if (err) {
+		raise_rc_error(err, "cannot attach to ring");
+		Py_DECREF(self);
+		return NULL;
+	}
+	self->is_consumer = 0;
+	return (PyObject *)self;
+}
+
+static void do_close(RingObject *self)
+{
+	if (!self->ring.base)
+		return;
+	reservations_abandon(self);
+	/* give the slot back; its counters stay in the totals */
+	if (self->ring.slot && self->ring.slot_idx)
+		atomic_store_explicit(&self->ring.slot->pid, 0,
+				      memory_order_relaxed);
+	rc_close(&self->ring);
+	self->is_consumer = 0;
+}
+
+static void Ring_dealloc(RingObject *self)
+{
+	/* Reservations hold a strong reference, so none is open here. */
+	if (self->weakreflist)
+		PyObject_ClearWeakRefs((PyObject *)self);
+	do_close(self);
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Ring_close(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+	if (self->exports) {
+		PyErr_Format(PyExc_BufferError,
+			     "cannot close the ring: %zd memoryview(s) of its "
+			     "reservations are still alive",
+			     self->exports);
+		return NULL;
+	}
+	do_close(self);
+	Py_RETURN_NONE;
+}
+
+static PyObject *Ring_enter(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+	if (check_open(self))
+		return NULL;
+	Py_INCREF(self);
+	return (PyObject *)self;
+}
+
+static PyObject *Ring_exit(RingObject *self, PyObject *const *Py_UNUSED(args),
+			   Py_ssize_t Py_UNUSED(nargs))
+{
+	if (!Ring_close(self, NULL))
+		return NULL;
+	Py_RETURN_FALSE;
+}
+
+/* --- producing ----------------------------------------------------------- */
+
+/* Borrow a byte range from a bytes object (fast) or any C-contiguous buffer.
+ * view->obj is NULL when nothing needs releasing. */
+static int get_bytes(PyObject *obj, Py_buffer *view)
+{
+	if (PyBytes_CheckExact(obj)) {
+		view->obj = NULL;
+		view->buf = PyBytes_AS_STRING(obj);
+		view->len = PyBytes_GET_SIZE(obj);
+		return 0;
+	}
+	return PyObject_GetBuffer(obj, view, PyBUF_SIMPLE);
+}
+
+static void put_bytes(Py_buffer *view)
+{
+	if (view->obj)
+		PyBuffer_Release(view);
+}
+
+static int check_record_size(RingObject *self, Py_ssize_t size)
+{
+	uint64_t max = rc_max_payload(&self->ring);
+
+	if (size < 0 || (uint64_t)size > max) {
+		PyErr_Format(PyExc_ValueError,
+			     "a record of %zd bytes can never fit in this ring: "
+			     "the largest payload a ring of %llu bytes holds is "
+			     "%llu bytes",
+			     size, (unsigned long long)(self->ring.mask + 1),
+			     (unsigned long long)max);
+		return -1;
+	}
+	return 0;
+}
+
+static PyObject *Ring_output(RingObject *self, PyObject *const *args,
+			     Py_ssize_t nargs, PyObject *kwnames)
+{
+	static const char *const names[] = {"data", "flags", NULL};
+	PyObject *a[2];
+	Py_buffer view;
+	unsigned flags;
+	int rc;
+
+	if (nargs == 1 && !kwnames) {
+		a[0] = args[0];
+		flags = 0;
+	} else if (fast_args("output", args, nargs, kwnames, names, 1, a) ||
+		   parse_flags(a[1], &flags)) {
+		return NULL;
+	}
+	if (check_open(self) || get_bytes(a[0], &view))
+		return NULL;
+	if (check_record_size(self, view.len)) {
+		put_bytes(&view);
+		return NULL;
+	}
+	rc = rc_output(&self->ring, view.buf, (uint32_t)view.len, flags);
+	put_bytes(&view);
+	return PyBool_FromLong(rc == 0);
+}
+
+#define BATCH 256
+
+/* Reserve, copy and commit views[0..n) as one batch; returns records written */
+static size_t output_chunk(RingObject *self, Py_buffer *views, size_t n,
+			   unsigned flags)
+{
+	uint32_t sizes[BATCH];
+	void *samples[BATCH];
+	size_t i, got;
+
+	for (i = 0; i < n; i++)
+		sizes[i] = (uint32_t)views[i].len;
+	got = rc_reserve_batch(&self->ring, sizes, n, samples, NULL);
+	for (i = 0; i < got; i++)
+		memcpy(samples[i], views[i].buf, sizes[i]);
+	rc_submit_batch(&self->ring, samples, got, flags);
+	return got;
+}
+
+static PyObject *Ring_output_many(RingObject *self, PyObject *const *args,
+				  Py_ssize_t nargs, PyObject *kwnames)
+{
+	static const char *const names[] = {"records", "flags", NULL};
+	Py_buffer views[BATCH];
+	PyObject *a[2], *seq;
+	Py_ssize_t n, i, done = 0;
+	unsigned flags;
+
+	if (fast_args("output_many", args, nargs, kwnames, names, 1, a) ||
+	    parse_flags(a[1], &flags) || check_open(self))
+		return NULL;
+	seq = PySequence_Fast(a[0], "output_many() needs a sequence of "
+				    "bytes-like records");
+	if (!seq)
+		return NULL;
+	n = PySequence_Fast_GET_SIZE(seq);
+	/* Check every record first: a bad one raises before anything is
+	 * written, so the caller never has to guess what went in. */
+	for (i = 0; i < n; i++) {
+		Py_buffer v;
+
+		if (get_bytes(PySequence_Fast_GET_ITEM(seq, i), &v)) {
+			PyErr_Format(PyExc_TypeError,
+				     "output_many(): record %zd is not a "
+				     "bytes-like object",
+				     i);
+			goto fail;
+		}
+		put_bytes(&v);
+		if (check_record_size(self, v.len)) {
+			PyErr_Format(PyExc_ValueError,
+				     "output_many(): record %zd of %zd bytes "
+				     "can never fit in this ring (largest "
+				     "payload: %llu bytes)",
+				     i, v.len,
+				     (unsigned long long)rc_max_payload(
+					     &self->ring));
+			goto fail;
+		}
+	}
+	while (done < n) {
+		size_t k = (size_t)(n - done < BATCH ? n - done : BATCH), got;
+
+		for (i = 0; i < (Py_ssize_t)k; i++)
+			if (get_bytes(PySequence_Fast_GET_ITEM(seq, done + i),
+				      &views[i])) {
+				while (i--)
+					put_bytes(&views[i]);
+				goto fail;
+			}
+		got = output_chunk(self, views, k, flags);
+		for (i = 0; i < (Py_ssize_t)k; i++)
+			put_bytes(&views[i]);
+		done += (Py_ssize_t)got;
+		if (got < k) {
+			/* the records not even tried count as failures too */
+			atomic_fetch_add_explicit(
+				&rc_my_slot(&self->ring)->reserve_failures,
+				(uint64_t)(n - done) - (k - got),
+				memory_order_relaxed);
+			break;
+		}
+	}
+	Py_DECREF(seq);
+	return PyLong_FromSsize_t(done);
+fail:
+	Py_DECREF(seq);
+	return NULL;
+}
+
+static PyObject *Ring_reserve(RingObject *self, PyObject *const *args,
+			      Py_ssize_t nargs, PyObject *kwnames)
+{
+	static const char *const names[] = {"size", NULL};
+	PyObject *size_obj;
+	Py_ssize_t size;
+	uint64_t pos;
+	void *sample;
+
+	if (fast_args("reserve", args, nargs, kwnames, names, 1, &size_obj))
+		return NULL;
+	size = PyLong_AsSsize_t(size_obj);
+	if (size == -1 && PyErr_Occurred())
+		return NULL;
+	if (check_open(self) || check_record_size(self, size))
+		return NULL;
+	sample = rc_reserve(&self->ring, (uint32_t)size, &pos);
+	if (!sample)
+		Py_RETURN_NONE;
+	return reservation_new(self, sample, pos, (uint32_t)size);
+}
+
+/* --- consuming ----------------------------------------------------------- */
+
+static int64_t parse_max(PyObject *obj, uint64_t *max)
+{
+	long long v;
+
+	*max = 0;
+	if (!obj || obj == Py_None)
+		return 0;
+	v = PyLong_AsLongLong(obj);
+	if (v == -1 && PyErr_Occurred())
+		return -1;
+	if (v <= 0) {
+		PyErr_Format(PyExc_ValueError,
+			     "max_records must be a positive int or None, not %lld",
+			     v);
+		return -1;
+	}
+	*max = (uint64_t)v;
+	return 0;
+}
+
+struct collect_ctx {
+	PyObject *list;
+	int with_pos;
+	int failed;
+};
+
+static int collect(void *ctx, uint64_t pos, const void *data, uint32_t size)
+{
+	struct collect_ctx *c = ctx;
+	PyObject *item = PyBytes_FromStringAndSize(data, size);
+
+	if (item && c->with_pos)
+		item = Py_BuildValue("(KN)", (unsigned long long)pos, item);
+	if (!item || PyList_Append(c->list, item)) {
+		Py_XDECREF(item);
+		c->failed = 1;
+		return 1;
+	}
+	Py_DECREF(item);
+	return 0;
+}
+
+static int consume_into(RingObject *self, PyObject *list, uint64_t max,
+			int with_pos)
+{
+	struct collect_ctx c = {list, with_pos, 0};
+	int64_t n = rc_consume(&self->ring, collect, &c, max);
+
+	if (c.failed)
+		return -1;
+	if (n < 0) {
+		PyErr_Format(RingCorruptedError,
+			     "corrupt record header at consumer position %llu",
+			     (unsigned long long)atomic_load(
+				     &self->ring.cons->consumer_pos));
+		return -1;
+	}
+	return 0;
+}
+
+static PyObject *Ring_consume(RingObject *self, PyObject *const *args,
+			      Py_ssize_t nargs, PyObject *kwnames)
+{
+	static const char *const names[] = {"max_records", NULL};
+	PyObject *max_obj, *list;
+	uint64_t max;
+
+	if (fast_args("consume", args, nargs, kwnames, names, 0, &max_obj) ||
+	    parse_max(max_obj, &max) || check_consumer(self, "consume"))
+		return NULL;
+	list = PyList_New(0);
+	if (list && consume_into(self, list, max, 0))
+		Py_CLEAR(list);
+	return list;
+}
+
+static PyObject *Ring_consume_with_pos(RingObject *self, PyObject *const *args,
+				       Py_ssize_t nargs, PyObject *kwnames)
+{
+	static const char *const names[] = {"max_records", NULL};
+	PyObject *max_obj, *list;
+	uint64_t max;
+
+	if (fast_args("consume_with_pos", args, nargs, kwnames, names, 0,
+		      &max_obj) ||
+	    parse_max(max_obj, &max) || check_consumer(self, "consume_with_pos"))
+		return NULL;
+	list = PyList_New(0);
+	if (list && consume_into(self, list, max, 1))
+		Py_CLEAR(list);
+	return list;
+}
+
+struct each_ctx {
+	PyObject *callback;
+	int failed;
+};
+
+static int call_each(void *ctx, uint64_t Py_UNUSED(pos), const void *data,
+		     uint32_t size)
+{
+	struct each_ctx *c = ctx;
+	PyObject *mv, *res;
+
+	mv = PyMemoryView_FromMemory((char *)data, size, PyBUF_READ);
+	if (!mv) {
+		c->failed = 1;
+		return 1;
+	}
+	res = PyObject_CallOneArg(c->callback, mv);
+	if (Py_REFCNT(mv) > 1) {
+		/* the callback kept the view: cut it off from ring memory */
+		PyObject *r = PyObject_CallMethod(mv, "release", NULL);
+
+		if (!r && !res) {
+			/* report the callback's own error */
+		} else if (!r) {
+			res = NULL;
+		} else {
+			Py_DECREF(r);
+		}
+	}
+	Py_DECREF(mv);
+	if (!res) {
+		c->failed = 1;
+		return 1;
+	}
+	Py_DECREF(res);
+	return 0;
+}
+
+static PyObject *Ring_consume_each(RingObject *self, PyObject *const *args,
+				   Py_ssize_t nargs, PyObject *kwnames)
+{
+	static const char *const names[] = {"callback", "max_records", NULL};
+	PyObject *a[2];
+	struct each_ctx c = {NULL, 0};
+	uint64_t max;
+	int64_t n;
+
+	if (fast_args("consume_each", args, nargs, kwnames, names, 1, a) ||
+	    parse_max(a[1], &max) || check_consumer(self, "consume_each"))
+		return NULL;
+	if (!PyCallable_Check(a[0])) {
+		PyErr_SetString(PyExc_TypeError,
+				"consume_each() callback must be callable");
+		return NULL;
+	}
+	c.callback = a[0];
+	n = rc_consume(&self->ring, call_each, &c, max);
+	if (c.failed)
+		return NULL;
+	if (n < 0) {
+		PyErr_SetString(RingCorruptedError,
+				"corrupt record header at consumer position");
+		return NULL;
+	}
+	return PyLong_FromLongLong(n);
+}
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Spin until a record is ready or `until` (monotonic seconds) passes. */
+static int spin_until(struct rc_ring *r, double until)
+{
+	for (;;) {
+		for (int i = 0; i < 256; i++)
+			if (rc_ready(r))
+				return 1;
+		if (now_s() >= until)
+			return rc_ready(r);
+	}
+}
+
+/*
+ * Wait until a record is ready, at most `timeout` seconds (< 0: forever).
+ * Returns 1 when ready, 0 on timeout, -1 with an exception set.
+ */
+static int wait_ready(RingObject *self, double timeout, int busy_poll,
+		      double spin)
+{
+	struct rc_ring *r = &self->ring;
+	double start = now_s();
+	double deadline = timeout < 0 ? -1 : start + timeout;
+	int ready;
+
+	if (rc_ready(r))
+		return 1;
+	if (busy_poll || spin > 0) {
+		double until = busy_poll ? deadline : start + spin;
+
+		if (until < 0)
+			until = 1e300;
+		else if (deadline >= 0 && until > deadline)
+			until = deadline;
+		Py_BEGIN_ALLOW_THREADS
+		ready = spin_until(r, until);
+		Py_END_ALLOW_THREADS
+		if (ready)
+			return 1;
+		if (busy_poll) {
+			if (PyErr_CheckSignals())
+				return -1;
+			return 0;
+		}
+	}
+	for (;;) {
+		struct pollfd pfd = {r->event_fd, POLLIN, 0};
+		int ms, n, saved;
+
+		if (!rc_prepare_wait(r))
+			return 1;
+		if (deadline < 0) {
+			ms = -1;
+		} else {
+			double left = deadline - now_s();
+
+			ms = left <= 0 ? 0 : (int)(left * 1000.0 + 0.999);
+		}
+		Py_BEGIN_ALLOW_THREADS
+		n = poll(&pfd, 1, ms);
+		saved = errno;
+		Py_END_ALLOW_THREADS
+		rc_finish_wait(r);
+		if (n < 0 && saved != EINTR) {
+			errno = saved;
+			PyErr_SetFromErrno(PyExc_OSError);
+			return -1;
+		}
+		if (n < 0 && PyErr_CheckSignals())
+			return -1;
+		if (rc_ready(r))
+			return 1;
+		if (deadline >= 0 && now_s() >= deadline)
+			return 0;
+		/* woken for a later record while an earlier one is still
+		 * busy (or by FORCE_WAKEUP): sleep again */
+	}
+}
+
+static int parse_seconds(PyObject *obj, const char *name, double *out)
+{
+	if (!obj || obj == Py_None) {
+		*out = -1;
+		return 0;
+	}
+	*out = PyFloat_AsDouble(obj);
+	if (*out == -1 && PyErr_Occurred())
+		return -1;
+	if (*out < 0) {
+		PyErr_Format(PyExc_ValueError, "%s must be >= 0 or None", name);
+		return -1;
+	}
+	return 0;
+}
+
+static PyObject *Ring_poll(RingObject *self, PyObject *const *args,
+			   Py_ssize_t nargs, PyObject *kwnames)
+{
+	static const char *const names[] = {"timeout", "max_records",
+					    "busy_poll", "spin", NULL};
+	PyObject *a[4], *list;
+	double timeout, spin;
+	uint64_t max;
+	int busy = 0, ready;
+
+	if (fast_args("poll", args, nargs, kwnames, names, 0, a) ||
+	    parse_seconds(a[0], "timeout", &timeout) || parse_max(a[1], &max) ||
+	    parse_seconds(a[3], "spin", &spin) ||
+	    check_consumer(self, "poll"))
+		return NULL;
+	if (a[2] && (busy = PyObject_IsTrue(a[2])) < 0)
+		return NULL;
+	list = PyList_New(0);
+	if (!list)
+		return NULL;
+	if (consume_into(self, list, max, 0))
+		goto fail;
+	if (PyList_GET_SIZE(list))
+		return list;
+	ready = wait_ready(self, timeout, busy, spin);
+	if (ready < 0)
+		goto fail;
+	if (ready && consume_into(self, list, max, 0))
+		goto fail;
+	return list;
+fail:
+	Py_DECREF(list);
+	return NULL;
+}
+
+static PyObject *Ring_prepare_wait(RingObject *self,
+				   PyObject *Py_UNUSED(ignored))
+{
+	if (check_consumer(self, "prepare_wait"))
+		return NULL;
+	return PyBool_FromLong(rc_prepare_wait(&self->ring));
+}
+
+static PyObject *Ring_finish_wait(RingObject *self,
+				  PyObject *Py_UNUSED(ignored))
+{
+	if (check_consumer(self, "finish_wait"))
+		return NULL;
+	rc_finish_wait(&self->ring);
+	Py_RETURN_NONE;
+}
+
+static PyObject *Ring_ready(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+	if (check_open(self))
+		return NULL;
+	return PyBool_FromLong(rc_ready(&self->ring));
+}
+
+/* --- introspection -------------------------------------------------------- */
+
+static PyObject *Ring_query(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+	struct rc_query q;
+	uint64_t v[8];
+	PyObject *res;
+
+	if (check_open(self))
+		return NULL;
+	rc_query(&self->ring, &q);
+	v[0] = q.avail_data;
+	v[1] = q.ring_size;
+	v[2] = q.consumer_pos;
+	v[3] = q.producer_pos;
+	v[4] = q.submitted;
+	v[5] = q.discarded;
+	v[6] = q.reserve_failures;
+	v[7] = q.wakeups;
+	res = PyStructSequence_New(RingQueryType);
+	if (!res)
+		return NULL;
+	for (int i = 0; i < 8; i++) {
+		PyObject *x = PyLong_FromUnsignedLongLong(v[i]);
+
+		if (!x) {
+			Py_DECREF(res);
+			return NULL;
+		}
+		PyStructSequence_SET_ITEM(res, i, x);
+	}
+	return res;
+}
+
+static PyObject *Ring_snapshot(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+	uint64_t cons, prod;
+
+	if (check_open(self))
+		return NULL;
+	cons = atomic_load_explicit(&self->ring.cons->consumer_pos,
+				    memory_order_acquire);
+	prod = atomic_load_explicit(&self->ring.prod->producer_pos,
+				    memory_order_acquire);
+	return Py_BuildValue("(KKy#)", (unsigned long long)cons,
+			     (unsigned long long)prod, (char *)self->ring.data,
+			     (Py_ssize_t)(self->ring.mask + 1));
+}
+
+static PyObject *Ring_fileno(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+	if (check_open(self))
+		return NULL;
+	return PyLong_FromLong(self->ring.event_fd);
+}
+
+static PyObject *Ring_after_fork_child(RingObject *self,
+				       PyObject *Py_UNUSED(ignored))
+{
+	/* The child shares the mapping and the descriptors, and becomes a
+	 * producer with a slot of its own. */
+	self->is_consumer = 0;
+	self->fork_gen++;
+	rc_forget_slot(&self->ring);
+	Py_RETURN_NONE;
+}
+
+static PyObject *Ring_get_size(RingObject *self, void *Py_UNUSED(c))
+{
+	if (check_open(self))
+		return NULL;
+	return PyLong_FromUnsignedLongLong(self->ring.mask + 1);
+}
+
+static PyObject *Ring_get_max_record(RingObject *self, void *Py_UNUSED(c))
+{
+	if (check_open(self))
+		return NULL;
+	return PyLong_FromUnsignedLongLong(rc_max_payload(&self->ring));
+}
+
+static PyObject *Ring_get_is_consumer(RingObject *self, void *Py_UNUSED(c))
+{
+	return PyBool_FromLong(self->is_consumer);
+}
+
+static PyObject *Ring_get_closed(RingObject *self, void *Py_UNUSED(c))
+{
+	return PyBool_FromLong(self->ring.base == NULL);
+}
+
+static PyObject *Ring_get_mem_fd(RingObject *self, void *Py_UNUSED(c))
+{
+	if (check_open(self))
+		return NULL;
+	return PyLong_FromLong(self->ring.mem_fd);
+}
+
+static PyObject *Ring_repr(RingObject *self)
+{
+	if (!self->ring.base)
+		return PyUnicode_FromFormat("<%s closed>", Py_TYPE(self)->tp_name);
+	return PyUnicode_FromFormat("<%s size=%llu %s>", Py_TYPE(self)->tp_name,
+				    (unsigned long long)(self->ring.mask + 1),
+				    self->is_consumer ? "consumer" : "producer");
+}
+
+static PyMethodDef Ring_methods[] = {
+	{"output", FASTCALL_KW(Ring_output), METH_FASTCALL | METH_KEYWORDS,
+	 "output(data, flags=0)\n--\n\nCopy one record into the ring. False "
+	 "(and counted) when there is no room; never blocks."},
+	{"output_many", FASTCALL_KW(Ring_output_many),
+	 METH_FASTCALL | METH_KEYWORDS,
+	 "output_many(records, flags=0)\n--\n\nCopy a sequence of records in "
+	 "with one reservation; returns how many went in (a prefix)."},
+	{"reserve", FASTCALL_KW(Ring_reserve), METH_FASTCALL | METH_KEYWORDS,
+	 "reserve(size)\n--\n\nReserve a record to write in place: a "
+	 "Reservation, or None when there is no room."},
+	{"consume", FASTCALL_KW(Ring_consume), METH_FASTCALL | METH_KEYWORDS,
+	 "consume(max_records=None)\n--\n\nDrain committed records in order "
+	 "as a list of bytes, skipping discarded ones; never blocks."},
+	{"consume_with_pos", FASTCALL_KW(Ring_consume_with_pos),
+	 METH_FASTCALL | METH_KEYWORDS,
+	 "consume_with_pos(max_records=None)\n--\n\nAs consume(), as a list of "
+	 "(position, bytes): the position is the record's resumable id."},
+	{"consume_each", FASTCALL_KW(Ring_consume_each),
+	 METH_FASTCALL | METH_KEYWORDS,
+	 "consume_each(callback, max_records=None)\n--\n\nCall callback with "
+	 "a read-only memoryview of each record, valid only during the call. "
+	 "Returns the number of records."},
+	{"poll", FASTCALL_KW(Ring_poll), METH_FASTCALL | METH_KEYWORDS,
+	 "poll(timeout=None, max_records=None, busy_poll=False, spin=None)\n--\n\n"
+	 "Consume; if nothing is there, wait up to timeout seconds (None: "
+	 "forever) and consume again. busy_poll spins instead of sleeping; "
+	 "spin spins that many seconds before sleeping."},
+	{"prepare_wait", (PyCFunction)Ring_prepare_wait, METH_NOARGS,
+	 "prepare_wait()\n--\n\nAnnounce that the consumer is about to sleep "
+	 "on fileno(). True: sleep now, a producer will signal. False: a "
+	 "record is ready, consume instead."},
+	{"finish_wait", (PyCFunction)Ring_finish_wait, METH_NOARGS,
+	 "finish_wait()\n--\n\nThe consumer is awake again (after "
+	 "prepare_wait() returned True)."},
+	{"ready", (PyCFunction)Ring_ready, METH_NOARGS,
+	 "ready()\n--\n\nTrue if the next record is committed."},
+	{"query", (PyCFunction)Ring_query, METH_NOARGS,
+	 "query()\n--\n\nPositions and counters: a RingQuery."},
+	{"snapshot", (PyCFunction)Ring_snapshot, METH_NOARGS,
+	 "snapshot()\n--\n\n(consumer_pos, producer_pos, bytes of the data "
+	 "area), for debugging and conformance checks."},
+	{"fileno", (PyCFunction)Ring_fileno, METH_NOARGS,
+	 "fileno()\n--\n\nThe eventfd the consumer sleeps on."},
+	{"close", (PyCFunction)Ring_close, METH_NOARGS,
+	 "close()\n--\n\nDiscard open reservations and unmap the ring."},
+	{"__enter__", (PyCFunction)Ring_enter, METH_NOARGS, NULL},
+	{"__exit__", FASTCALL_KW(Ring_exit), METH_FASTCALL, NULL},
+	{"_attach_fds", (PyCFunction)Ring_attach_fds, METH_VARARGS | METH_CLASS,
+	 "_attach_fds(mem_fd, event_fd)\n--\n\nA producer handle on the ring "
+	 "behind these descriptors (they are duplicated)."},
+	{"_after_fork_child", (PyCFunction)Ring_after_fork_child, METH_NOARGS,
+	 NULL},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Ring_getset[] = {
+	{"size", (getter)Ring_get_size, NULL, "Data area size in bytes.", NULL},
+	{"max_record_size", (getter)Ring_get_max_record, NULL,
+	 "Largest payload a record can have in this ring.", NULL},
+	{"is_consumer", (getter)Ring_get_is_consumer, NULL,
+	 "True in the process that created the ring.", NULL},
+	{"closed", (getter)Ring_get_closed, NULL, "True after close().", NULL},
+	{"_mem_fd", (getter)Ring_get_mem_fd, NULL, NULL, NULL},
+	{NULL, NULL, NULL, NULL, NULL},
+};
+
+PyTypeObject RingType = {
+	PyVarObject_HEAD_INIT(NULL, 0)
+	.tp_name = "ringcore._ringcore.Ring",
+	.tp_basicsize = sizeof(RingObject),
+	.tp_dealloc = (destructor)Ring_dealloc,
+	.tp_repr = (reprfunc)Ring_repr,
+	.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+	.tp_doc = "Ring(size)\n--\n\nA multi-producer, single-consumer ring "
+		  "buffer in shared memory.",
+	.tp_weaklistoffset = offsetof(RingObject, weakreflist),
+	.tp_methods = Ring_methods,
+	.tp_getset = Ring_getset,
+	.tp_new = Ring_new,
+};

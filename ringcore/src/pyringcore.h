@@ -1,0 +1,60 @@
+/* SPDX-License-Identifier: MIT */
+/* Objects and helpers shared by the CPython binding's files. */
+#ifndef PYRINGCORE_H
+#define PYRINGCORE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "ringcore.h"
+
+struct ReservationObject;
+
+typedef struct {
+	PyObject_HEAD
+	struct rc_ring ring;   /* ring.base == NULL once closed */
+	int is_consumer;       /* the creating process consumes; others produce */
+	uint64_t fork_gen;     /* bumped in a forked child: older reservations
+				  belong to the parent */
+	Py_ssize_t exports;    /* live buffers of this ring's reservations */
+	struct ReservationObject *active; /* open reservations, linked */
+	PyObject *weakreflist;
+} RingObject;
+
+enum { RES_ACTIVE = 0, RES_SUBMITTED = 1, RES_DISCARDED = 2 };
+
+typedef struct ReservationObject {
+	PyObject_HEAD
+	RingObject *ring; /* strong reference */
+	unsigned char *sample;
+	uint64_t pos;
+	uint32_t size;
+	int state;
+	uint64_t fork_gen;
+	Py_ssize_t exports;
+	struct ReservationObject *prev, *next; /* in ring->active while active */
+} ReservationObject;
+
+/* module state lives in these globals: the module is single-phase init */
+extern PyObject *RingError;
+extern PyObject *RingClosedError;
+extern PyObject *NotConsumerError;
+extern PyObject *ReservationError;
+extern PyObject *RingCorruptedError;
+extern PyTypeObject RingType;
+extern PyTypeObject ReservationType;
+extern PyTypeObject *RingQueryType;
+
+/* pyreservation.c */
+PyObject *reservation_new(RingObject *ring, void *sample, uint64_t pos,
+			  uint32_t size);
+/* discard every open reservation of ring (on close) */
+void reservations_abandon(RingObject *ring);
+
+/* args.c: keyword/positional parsing for METH_FASTCALL | METH_KEYWORDS */
+int fast_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
+	      PyObject *kwnames, const char *const *names, Py_ssize_t nrequired,
+	      PyObject **out);
+int parse_flags(PyObject *obj, unsigned *flags);
+
+#endif /* PYRINGCORE_H */

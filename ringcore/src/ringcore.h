@@ -1,0 +1,233 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * ringcore: a multi-producer, single-consumer ring buffer in shared memory,
+ * modelled on the Linux BPF ring buffer (kernel/bpf/ringbuf.c) and its
+ * libbpf consumer (src/ringbuf.c), for processes instead of CPUs.
+ *
+ * Shared memory layout (one memfd, offsets in pages of the running system):
+ *
+ *  file:  0       1       2       3 ... 6         7 (META_PAGES)
+ *         +-------+-------+-------+-----------+------------------------+
+ *         | ctrl  | cons  | prod  | slots     | data (size bytes)      |
+ *         +-------+-------+-------+-----------+------------------------+
+ *
+ *  a process maps it as:
+ *         +-------+-------+-------+-----------+------------------------+------------------------+
+ *         | ctrl  | cons  | prod  | slots     | 1 2 3 4 5 6 7 8 9      | 1 2 3 4 5 6 7 8 9      |
+ *         +-------+-------+-------+-----------+------------------------+------------------------+
+ *                                             | TA                  DA | TA                  DA |
+ *                                                                  ^^^^^^^
+ *  The data pages are mapped a second time right after themselves, so a
+ *  record that starts near the end of the data area and wraps around is still
+ *  contiguous in virtual memory: no padding records, no split copies.
+ *
+ *  ctrl   written once by the creator: magic, version, sizes.
+ *  cons   written only by the consumer: consumer_pos, the "about to sleep"
+ *         flag.
+ *  prod   written only by producers: producer_pos (own cache line, read by the
+ *         consumer), the reservation lock and pending_pos (producers only).
+ *  slots  one 64-byte slot per producer process: its pid and its counters.
+ *         Counting per producer keeps the submit path free of a shared
+ *         counter cache line; query() sums the slots.
+ *  data   records, each an 8-byte header and the payload, rounded up to 8.
+ *
+ * Each concern lives on its own page so that later each mapping can be given
+ * the permissions its role needs (read-only where a process must not write).
+ *
+ * Positions are free-running 64-bit byte counters; the offset of a position
+ * in the data area is pos & mask.
+ *
+ * Record header, as struct bpf_ringbuf_hdr:
+ *
+ *    0               4               8
+ *    +---------------+---------------+---------------- - -
+ *    | len           | pg_off        | payload (len bytes), padded to 8
+ *    +---------------+---------------+---------------- - -
+ *    len bit 31 = BUSY (reserved, not yet committed)
+ *    len bit 30 = DISCARD (committed, to be skipped by the consumer)
+ *
+ * The kernel stores in pg_off the page offset of the header from the start of
+ * struct bpf_ringbuf, to find the ring again from a bare record pointer.
+ * ringcore does not need that (a reservation knows its ring), so pg_off holds
+ * the index of the producer slot of the process that reserved the record:
+ * who owns a busy record is then readable from the ring itself. All other
+ * bytes of the data area are what the kernel writes for the same operations.
+ */
+#ifndef RINGCORE_H
+#define RINGCORE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define RC_MAGIC 0x45524f43474e4952ULL /* "RINGCORE" in little-endian bytes */
+#define RC_VERSION 1
+
+#define RC_BUSY_BIT (1U << 31)
+#define RC_DISCARD_BIT (1U << 30)
+#define RC_HDR_SZ 8U
+/* as RINGBUF_MAX_RECORD_SZ: len has two flag bits */
+#define RC_MAX_RECORD_SZ (UINT32_MAX / 4)
+/* data sizes: a power of two from one page up to 2 GiB (the kernel's u32
+ * max_entries allows no larger power of two) */
+#define RC_MAX_DATA_SZ (1ULL << 31)
+
+/* flags of submit/discard/output, values of BPF_RB_NO_WAKEUP/FORCE_WAKEUP */
+#define RC_NO_WAKEUP 1U
+#define RC_FORCE_WAKEUP 2U
+
+#define RC_CACHELINE 64
+#define RC_MAX_SLOTS 256 /* slot 0 is shared by processes that find no free slot */
+
+/* error codes returned (negated) by the functions below */
+enum {
+	RC_OK = 0,
+	RC_EBADSIZE = 1,  /* data size not a power of two multiple of the page */
+	RC_ESYS = 2,      /* a system call failed; errno tells which way */
+	RC_EMAGIC = 3,    /* not a ringcore ring */
+	RC_EVERSION = 4,  /* ringcore ring of another layout version */
+	RC_EGEOMETRY = 5, /* header sizes disagree with the file size */
+};
+
+struct rc_ctrl {
+	uint64_t magic;
+	uint32_t version;
+	uint32_t page_size;
+	uint64_t data_size;
+	uint32_t meta_pages;
+	uint32_t max_slots;
+	uint32_t creator_pid;
+	uint32_t flags;
+};
+
+struct rc_cons_page {
+	_Atomic uint64_t consumer_pos;
+	/* 1 while the consumer has announced that it is about to sleep on the
+	 * eventfd; the producer that takes it back to 0 sends the wakeup */
+	_Atomic uint32_t waiting;
+	uint32_t pad0;
+	_Atomic uint64_t wakeups_seen; /* times the consumer woke from a sleep */
+};
+
+struct rc_prod_page {
+	_Atomic uint64_t producer_pos;
+	char pad0[RC_CACHELINE - sizeof(uint64_t)];
+	/* Producers only, from here on. The lock is process-shared and robust:
+	 * a producer that dies holding it does not deadlock the others. */
+	pthread_mutex_t lock;
+	uint64_t pending_pos; /* protected by lock */
+};
+
+struct rc_slot {
+	_Atomic uint32_t pid;
+	uint32_t pad0;
+	_Atomic uint64_t submitted;
+	_Atomic uint64_t discarded;
+	_Atomic uint64_t reserve_failures;
+	_Atomic uint64_t wakeups; /* eventfd signals sent */
+	uint64_t pad1[3];
+} __attribute__((aligned(RC_CACHELINE)));
+
+struct rc_hdr {
+	_Atomic uint32_t len;
+	uint32_t pg_off;
+};
+
+/* A process's handle on a ring: its own mapping, its descriptors. */
+struct rc_ring {
+	void *base;      /* start of the whole mapping */
+	size_t map_len;  /* length of the whole mapping */
+	struct rc_ctrl *ctrl;
+	struct rc_cons_page *cons;
+	struct rc_prod_page *prod;
+	struct rc_slot *slots;
+	unsigned char *data; /* data area, mapped twice back to back */
+	uint64_t mask;       /* data size - 1 */
+	int mem_fd;
+	int event_fd;
+	struct rc_slot *slot; /* this process's slot; NULL until first produce */
+	uint32_t slot_idx;
+};
+
+struct rc_query {
+	uint64_t avail_data;
+	uint64_t ring_size;
+	uint64_t consumer_pos;
+	uint64_t producer_pos;
+	uint64_t submitted;
+	uint64_t discarded;
+	uint64_t reserve_failures;
+	uint64_t wakeups;
+};
+
+/* --- map.c: creation, attachment, teardown ------------------------------ */
+
+/* 0 if size is a valid data size, else -RC_EBADSIZE */
+int rc_check_size(uint64_t size);
+size_t rc_page_size(void);
+int rc_create(struct rc_ring *r, uint64_t size);
+/* attach to a ring from its memory fd and event fd (both are dup()ed) */
+int rc_attach(struct rc_ring *r, int mem_fd, int event_fd);
+void rc_close(struct rc_ring *r);
+const char *rc_strerror(int err);
+
+/* --- produce.c: reserve, commit, output ---------------------------------- */
+
+/* round_up(size + header, 8): the bytes a record of `size` takes */
+static inline uint64_t rc_record_len(uint64_t size)
+{
+	return (size + RC_HDR_SZ + 7) & ~7ULL;
+}
+
+/* largest payload the ring can ever hold: len must stay <= mask */
+static inline uint64_t rc_max_payload(const struct rc_ring *r)
+{
+	return r->mask + 1 - 2 * RC_HDR_SZ;
+}
+
+/* pointer to the payload of a reserved record, or NULL when there is no
+ * room; the failure is counted. size must be <= rc_max_payload(). The
+ * record's logical position goes to *pos unless pos is NULL. */
+void *rc_reserve(struct rc_ring *r, uint32_t size, uint64_t *pos);
+/* reserve n records in one critical section; returns how many were
+ * reserved (a prefix of sizes), their payload pointers in out[], and the
+ * position of the first in *pos unless pos is NULL */
+size_t rc_reserve_batch(struct rc_ring *r, const uint32_t *sizes, size_t n,
+			void **out, uint64_t *pos);
+void rc_submit(struct rc_ring *r, void *sample, unsigned flags);
+void rc_discard(struct rc_ring *r, void *sample, unsigned flags);
+/* commit n records reserved together by rc_reserve_batch, in order, with a
+ * single wakeup decision */
+void rc_submit_batch(struct rc_ring *r, void **samples, size_t n,
+		     unsigned flags);
+/* 0, or -1 when there is no room */
+int rc_output(struct rc_ring *r, const void *data, uint32_t size,
+	      unsigned flags);
+/* the slot this process counts in; claims one on first use */
+struct rc_slot *rc_my_slot(struct rc_ring *r);
+/* forget the slot claimed by the parent (call in a forked child) */
+void rc_forget_slot(struct rc_ring *r);
+
+/* --- consume.c: the single consumer -------------------------------------- */
+
+/* Called for each committed, non-discarded record with its logical
+ * position (the position of its header). Return 0 to go on,
+ * non-zero to stop after this record (it counts as consumed). */
+typedef int (*rc_sample_fn)(void *ctx, uint64_t pos, const void *data,
+			    uint32_t size);
+
+/* Consume up to max records (0 = no limit) of those committed when the call
+ * starts. Returns records handed to fn, or -1 when a header is corrupt
+ * (consumer_pos then stays at the corrupt record). */
+int64_t rc_consume(struct rc_ring *r, rc_sample_fn fn, void *ctx, uint64_t max);
+/* 1 if the record at consumer_pos is committed (even if discarded) */
+int rc_ready(struct rc_ring *r);
+/* Announce that the consumer is about to sleep. Returns 1 if it may sleep on
+ * event_fd now, 0 if a record is ready (the announcement is withdrawn). */
+int rc_prepare_wait(struct rc_ring *r);
+/* The consumer is awake again: withdraw the announcement, count the wake. */
+void rc_finish_wait(struct rc_ring *r);
+void rc_query(struct rc_ring *r, struct rc_query *q);
+
+#endif /* RINGCORE_H */
