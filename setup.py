@@ -15,6 +15,7 @@ SOURCES = [
     "ringcore/src/consume.c",
     "ringcore/src/args.c",
     "ringcore/src/pyreservation.c",
+    "ringcore/src/pyrecordview.c",
     "ringcore/src/pyring.c",
     "ringcore/src/module.c",
 ]

@@ -164,6 +164,7 @@ int rc_create(struct rc_ring *r, uint64_t size)
 		goto fail;
 
 	r->prod->pending_pos = 0;
+	r->prod->next_pos = 0;
 	atomic_store_explicit(&r->prod->producer_pos, 0, memory_order_relaxed);
 	atomic_store_explicit(&r->cons->consumer_pos, 0, memory_order_relaxed);
 	r->ctrl->version = RC_VERSION;

@@ -54,7 +54,8 @@ PyMODINIT_FUNC PyInit__ringcore(void)
 
 	if (!m)
 		return NULL;
-	if (PyType_Ready(&RingType) < 0 || PyType_Ready(&ReservationType) < 0)
+	if (PyType_Ready(&RingType) < 0 || PyType_Ready(&ReservationType) < 0 ||
+	    PyType_Ready(&RecordViewType) < 0)
 		goto fail;
 	RingQueryType = PyStructSequence_NewType(&query_desc);
 	if (!RingQueryType)

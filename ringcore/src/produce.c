@@ -38,10 +38,12 @@ static inline struct rc_hdr *hdr_of(void *sample)
  * The critical section only advances positions and writes busy headers. If
  * a producer dies inside it, the robust mutex hands the lock to the next
  * producer with EOWNERDEAD, and what the dead one left is consistent:
- *  - died before storing producer_pos: the header it may have written lies
- *    past producer_pos, where nobody reads, and is overwritten next;
- *  - died after: its record is reserved and stays busy (a dead producer
- *    between reserve and submit, which the consumer must deal with anyway).
+ *  - died before storing next_pos: the header it may have written lies past
+ *    next_pos, where nobody reads, and is overwritten next;
+ *  - died after: its record is reserved (next_pos, and producer_pos if it got
+ *    that far, are past it; the next reservation publishes producer_pos) and
+ *    stays busy, exactly as for a producer dead between reserve and submit,
+ *    which the consumer must deal with anyway.
  * pending_pos is a single aligned store of a value recomputed from headers.
  * So marking the mutex consistent again is all the repair there is.
  */
@@ -86,11 +88,11 @@ static bool claim(struct rc_slot *s, uint32_t expected, uint32_t pid)
 
 struct rc_slot *rc_my_slot(struct rc_ring *r)
 {
-	uint32_t pid = (uint32_t)getpid();
-	uint32_t i;
+	uint32_t pid, i;
 
 	if (r->slot)
 		return r->slot;
+	pid = (uint32_t)getpid();
 	for (i = 1; i < RC_MAX_SLOTS; i++)
 		if (claim(&r->slots[i], 0, pid))
 			goto found;
@@ -145,12 +147,29 @@ static uint64_t advance_pending(struct rc_ring *r, uint64_t prod_pos)
 	return pend;
 }
 
-static inline bool fits(struct rc_ring *r, uint64_t new_prod, uint64_t cons,
-			uint64_t pend)
+/*
+ * The kernel's room check, with the lock held: the producer position may not
+ * run more than size - 1 ahead of the consumer, nor of the oldest busy
+ * record. Both bounds only grow, so the cached ones are tried first and
+ * refreshed only when they refuse: the decision is the one fresh values
+ * give, without touching the consumer's cache line or walking headers on
+ * every reservation.
+ */
+static bool room_for(struct rc_ring *r, uint64_t prod, uint64_t new_prod)
 {
-	/* the producer position may not run more than size - 1 ahead of
-	 * either the consumer or the oldest busy record */
-	return new_prod - cons <= r->mask && new_prod - pend <= r->mask;
+	if (new_prod - r->cached_cons > r->mask) {
+		/* Pairs with the consumer's store-release of consumer_pos in
+		 * rc_consume(): once we see it past a record, the consumer is
+		 * done reading that record and its space may be reused. */
+		r->cached_cons = atomic_load_explicit(&r->cons->consumer_pos,
+						      memory_order_acquire);
+		if (new_prod - r->cached_cons > r->mask)
+			return false;
+	}
+	if (new_prod - r->prod->pending_pos > r->mask &&
+	    new_prod - advance_pending(r, prod) > r->mask)
+		return false;
+	return true;
 }
 
 static inline void write_busy_hdr(struct rc_ring *r, uint64_t pos,
@@ -168,25 +187,18 @@ void *rc_reserve(struct rc_ring *r, uint32_t size, uint64_t *pos)
 {
 	struct rc_slot *slot = rc_my_slot(r);
 	uint64_t len = rc_record_len(size);
-	uint64_t cons, prod, pend;
+	uint64_t prod;
 
 	ring_lock(r);
-	/* Pairs with the consumer's store-release of consumer_pos in
-	 * rc_consume(): once we see it past a record, the consumer is done
-	 * reading that record and its space may be reused. */
-	cons = atomic_load_explicit(&r->cons->consumer_pos,
-				    memory_order_acquire);
-	/* only written under the lock we hold */
-	prod = atomic_load_explicit(&r->prod->producer_pos,
-				    memory_order_relaxed);
-	pend = advance_pending(r, prod);
-	if (!fits(r, prod + len, cons, pend)) {
+	prod = r->prod->next_pos;
+	if (!room_for(r, prod, prod + len)) {
 		ring_unlock(r);
 		atomic_fetch_add_explicit(&slot->reserve_failures, 1,
 					  memory_order_relaxed);
 		return NULL;
 	}
 	write_busy_hdr(r, prod, size);
+	r->prod->next_pos = prod + len;
 	/* Pairs with the consumer's load-acquire of producer_pos: a consumer
 	 * that sees the new position also sees the busy header. */
 	atomic_store_explicit(&r->prod->producer_pos, prod + len,
@@ -201,34 +213,33 @@ size_t rc_reserve_batch(struct rc_ring *r, const uint32_t *sizes, size_t n,
 			void **out, uint64_t *first_pos)
 {
 	struct rc_slot *slot = rc_my_slot(r);
-	uint64_t cons, prod, pend, pos;
+	uint64_t prod, pos;
 	size_t i;
 
 	if (n == 0)
 		return 0;
 	ring_lock(r);
-	/* as in rc_reserve() */
-	cons = atomic_load_explicit(&r->cons->consumer_pos,
-				    memory_order_acquire);
-	prod = atomic_load_explicit(&r->prod->producer_pos,
-				    memory_order_relaxed);
-	pend = advance_pending(r, prod);
+	prod = r->prod->next_pos;
 	pos = prod;
 	if (first_pos)
 		*first_pos = prod;
 	for (i = 0; i < n; i++) {
 		uint64_t len = rc_record_len(sizes[i]);
 
-		if (!fits(r, pos + len, cons, pend))
+		/* pending_pos is walked from the batch start: the records
+		 * of this batch are busy, it cannot pass them anyway */
+		if (!room_for(r, prod, pos + len))
 			break;
 		write_busy_hdr(r, pos, sizes[i]);
 		out[i] = (unsigned char *)hdr_at(r, pos) + RC_HDR_SZ;
 		pos += len;
 	}
-	if (pos != prod)
+	if (pos != prod) {
+		r->prod->next_pos = pos;
 		/* as in rc_reserve() */
 		atomic_store_explicit(&r->prod->producer_pos, pos,
 				      memory_order_release);
+	}
 	ring_unlock(r);
 	if (i < n)
 		atomic_fetch_add_explicit(&slot->reserve_failures, n - i,

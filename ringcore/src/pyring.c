@@ -26,6 +26,13 @@ static int check_consumer(RingObject *self, const char *what)
 {
 	if (check_open(self))
 		return -1;
+	if (self->consuming) {
+		/* the outer drain holds its own copy of consumer_pos */
+		PyErr_Format(RingError,
+			     "%s() called from inside a consume_each() callback",
+			     what);
+		return -1;
+	}
 	if (!self->is_consumer) {
 		PyErr_Format(NotConsumerError,
 			     "%s() needs the consumer: this handle is a producer "
@@ -144,7 +151,7 @@ static PyObject *Ring_close(RingObject *self, PyObject *Py_UNUSED(ignored))
 	if (self->exports) {
 		PyErr_Format(PyExc_BufferError,
 			     "cannot close the ring: %zd memoryview(s) of its "
-			     "reservations are still alive",
+			     "records or reservations are still alive",
 			     self->exports);
 		return NULL;
 	}
@@ -440,7 +447,9 @@ static PyObject *Ring_consume_with_pos(RingObject *self, PyObject *const *args,
 }
 
 struct each_ctx {
+	RingObject *ring;
 	PyObject *callback;
+	RecordViewObject *view;
 	int failed;
 };
 
@@ -450,31 +459,39 @@ static int call_each(void *ctx, uint64_t Py_UNUSED(pos), const void *data,
 	struct each_ctx *c = ctx;
 	PyObject *mv, *res;
 
-	mv = PyMemoryView_FromMemory((char *)data, size, PyBUF_READ);
-	if (!mv) {
-		c->failed = 1;
-		return 1;
-	}
+	c->view->data = data;
+	c->view->size = size;
+	mv = PyMemoryView_FromObject((PyObject *)c->view);
+	if (!mv)
+		goto fail;
 	res = PyObject_CallOneArg(c->callback, mv);
 	if (Py_REFCNT(mv) > 1) {
-		/* the callback kept the view: cut it off from ring memory */
-		PyObject *r = PyObject_CallMethod(mv, "release", NULL);
+		/* The callback kept its view: release it, keeping the
+		 * callback's own exception (if any) as the one reported. */
+		PyObject *exc_type, *exc, *tb, *r;
 
-		if (!r && !res) {
-			/* report the callback's own error */
-		} else if (!r) {
-			res = NULL;
-		} else {
-			Py_DECREF(r);
-		}
+		PyErr_Fetch(&exc_type, &exc, &tb);
+		r = PyObject_CallMethod(mv, "release", NULL);
+		Py_XDECREF(r);
+		PyErr_Clear();
+		PyErr_Restore(exc_type, exc, tb);
 	}
 	Py_DECREF(mv);
-	if (!res) {
-		c->failed = 1;
-		return 1;
-	}
+	c->view->data = NULL;
+	if (!res)
+		goto fail;
 	Py_DECREF(res);
+	if (c->view->exports) {
+		PyErr_SetString(PyExc_BufferError,
+				"consume_each() callback kept a view of a record "
+				"past the call; copy what it needs (bytes(view)) "
+				"instead, the ring reuses that memory");
+		goto fail;
+	}
 	return 0;
+fail:
+	c->failed = 1;
+	return 1;
 }
 
 static PyObject *Ring_consume_each(RingObject *self, PyObject *const *args,
@@ -482,7 +499,7 @@ static PyObject *Ring_consume_each(RingObject *self, PyObject *const *args,
 {
 	static const char *const names[] = {"callback", "max_records", NULL};
 	PyObject *a[2];
-	struct each_ctx c = {NULL, 0};
+	struct each_ctx c = {self, NULL, NULL, 0};
 	uint64_t max;
 	int64_t n;
 
@@ -495,7 +512,13 @@ static PyObject *Ring_consume_each(RingObject *self, PyObject *const *args,
 		return NULL;
 	}
 	c.callback = a[0];
+	c.view = record_view_new(self);
+	if (!c.view)
+		return NULL;
+	self->consuming = 1;
 	n = rc_consume(&self->ring, call_each, &c, max);
+	self->consuming = 0;
+	Py_DECREF(c.view);
 	if (c.failed)
 		return NULL;
 	if (n < 0) {
@@ -514,13 +537,27 @@ static double now_s(void)
 	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Spin until a record is ready or `until` (monotonic seconds) passes. */
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
+/* Spin until a record is ready or `until` (monotonic seconds) passes. The
+ * pause between checks keeps the spinning consumer from pulling the
+ * producers' cache lines away from them on every iteration. */
 static int spin_until(struct rc_ring *r, double until)
 {
 	for (;;) {
-		for (int i = 0; i < 256; i++)
+		for (int i = 0; i < 256; i++) {
 			if (rc_ready(r))
 				return 1;
+			for (int j = 0; j < 16; j++)
+				cpu_relax();
+		}
 		if (now_s() >= until)
 			return rc_ready(r);
 	}

@@ -16,7 +16,9 @@ typedef struct {
 	int is_consumer;       /* the creating process consumes; others produce */
 	uint64_t fork_gen;     /* bumped in a forked child: older reservations
 				  belong to the parent */
-	Py_ssize_t exports;    /* live buffers of this ring's reservations */
+	Py_ssize_t exports;    /* live buffers into ring memory (reservations,
+				  record views) */
+	int consuming;         /* inside rc_consume(): no re-entry */
 	struct ReservationObject *active; /* open reservations, linked */
 	PyObject *weakreflist;
 } RingObject;
@@ -35,6 +37,14 @@ typedef struct ReservationObject {
 	struct ReservationObject *prev, *next; /* in ring->active while active */
 } ReservationObject;
 
+typedef struct {
+	PyObject_HEAD
+	RingObject *ring; /* strong reference */
+	const unsigned char *data; /* NULL outside a callback */
+	Py_ssize_t size;
+	Py_ssize_t exports;
+} RecordViewObject;
+
 /* module state lives in these globals: the module is single-phase init */
 extern PyObject *RingError;
 extern PyObject *RingClosedError;
@@ -43,6 +53,7 @@ extern PyObject *ReservationError;
 extern PyObject *RingCorruptedError;
 extern PyTypeObject RingType;
 extern PyTypeObject ReservationType;
+extern PyTypeObject RecordViewType;
 extern PyTypeObject *RingQueryType;
 
 /* pyreservation.c */
@@ -50,6 +61,9 @@ PyObject *reservation_new(RingObject *ring, void *sample, uint64_t pos,
 			  uint32_t size);
 /* discard every open reservation of ring (on close) */
 void reservations_abandon(RingObject *ring);
+
+/* pyrecordview.c */
+RecordViewObject *record_view_new(RingObject *ring);
 
 /* args.c: keyword/positional parsing for METH_FASTCALL | METH_KEYWORDS */
 int fast_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,

@@ -103,10 +103,14 @@ struct rc_ctrl {
 
 struct rc_cons_page {
 	_Atomic uint64_t consumer_pos;
-	/* 1 while the consumer has announced that it is about to sleep on the
-	 * eventfd; the producer that takes it back to 0 sends the wakeup */
+	char pad0[RC_CACHELINE - sizeof(uint64_t)];
+	/* On a line of its own: every producer reads it after every commit,
+	 * and the consumer writes it only when it goes to sleep, so it stays
+	 * in all caches while consumer_pos moves. 1 while the consumer has
+	 * announced that it is about to sleep on the eventfd; the producer
+	 * that takes it back to 0 sends the wakeup. */
 	_Atomic uint32_t waiting;
-	uint32_t pad0;
+	uint32_t pad1;
 	_Atomic uint64_t wakeups_seen; /* times the consumer woke from a sleep */
 };
 
@@ -117,6 +121,10 @@ struct rc_prod_page {
 	 * a producer that dies holding it does not deadlock the others. */
 	pthread_mutex_t lock;
 	uint64_t pending_pos; /* protected by lock */
+	/* Protected by lock: the same value as producer_pos, on the lock's
+	 * line, which only producers touch. Reserving reads this one: reading
+	 * producer_pos would miss whenever the consumer has just read it. */
+	uint64_t next_pos;
 };
 
 struct rc_slot {
@@ -148,6 +156,12 @@ struct rc_ring {
 	int event_fd;
 	struct rc_slot *slot; /* this process's slot; NULL until first produce */
 	uint32_t slot_idx;
+	/* Last consumer_pos this handle read, under the reservation lock.
+	 * Positions only grow, so a stale value only underestimates the room:
+	 * reserving re-reads consumer_pos (a cache miss on a line the consumer
+	 * keeps writing) only when the cached value says the record does not
+	 * fit. */
+	uint64_t cached_cons;
 };
 
 struct rc_query {
