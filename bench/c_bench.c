@@ -65,8 +65,14 @@ static double run(int producers, uint64_t total, int busy)
 	while (got < total) {
 		if (rc_consume(&r, count_cb, &got, 0) > 0)
 			continue;
-		if (busy)
+		if (busy) {
+			/* as Ring.poll(busy_poll=True): check, then back off so
+			 * the spinning consumer leaves the producer's lines alone */
+			while (!rc_ready(&r))
+				for (int j = 0; j < 16; j++)
+					__builtin_ia32_pause();
 			continue;
+		}
 		if (rc_prepare_wait(&r)) {
 			struct pollfd pfd = {r.event_fd, POLLIN, 0};
 

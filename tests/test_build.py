@@ -11,11 +11,15 @@ Python's allocations through malloc so ASan sees them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +93,49 @@ def show(r: subprocess.CompletedProcess[str], lines: int = 80) -> str:
     )
 
 
+SANITIZER_REPORT = re.compile(r"^==\d+==ERROR: |: runtime error: ", re.M)
+
+
+def run_watched(
+    cmd: list[str], cwd: Path, env: dict[str, str], timeout: float
+) -> tuple[subprocess.CompletedProcess[str], str | None]:
+    """Run cmd in its own session; stop it soon after a sanitizer report.
+
+    A producer process that a sanitizer stops leaves the stress test waiting
+    for its records until stress.py's deadline (minutes per test), so the
+    output is watched and the whole process group ended instead. Returns the
+    result (returncode -9 when stopped) and the first report, if any.
+    """
+    out_path, err_path = cwd / "run.stdout", cwd / "run.stderr"
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
+        )
+    deadline = time.monotonic() + timeout
+    seen = None  # when a report first appeared
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if seen is None and SANITIZER_REPORT.search(err_path.read_text(errors="replace")):
+                seen = time.monotonic()
+            if seen is not None and time.monotonic() - seen > 5:  # let the report finish
+                break
+            time.sleep(0.2)
+    finally:
+        # also ends producers left behind by a crashed run
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    stdout = out_path.read_text(errors="replace")
+    stderr = err_path.read_text(errors="replace")
+    if proc.returncode == -signal.SIGKILL and seen is None:
+        stderr += f"\n[killed after {timeout:.0f} s]"
+    m = SANITIZER_REPORT.search(stderr)
+    start = stderr.rfind("\n", 0, m.start()) + 1 if m else 0
+    # from the start of the report's line (UBSan's begins with file:line:col)
+    report = "\n".join(stderr[start:].splitlines()[:100]) if m else None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), report
+
+
 @pytest.mark.parametrize("cc", ["gcc", "clang"])
 def test_core_compiles_clean_with_werror(cc, tmp_path):
     if cc == "clang" and shutil.which("clang") is None:
@@ -145,19 +192,15 @@ def test_stress_under_asan_ubsan(tmp_path):
     assert r.returncode == 0, show(r)
     assert Path(r.stdout.strip()) == ext, show(r)
 
+    # -s: without it a report goes to pytest's capture, where it is lost when
+    # the test process aborts and is not seen while a producer's stall runs
+    # out; with it, the report reaches run.stderr and run_watched stops the run
     (tmp_path / "ringcore_build_guard.py").write_text(GUARD_PLUGIN)
     tests = [str(ROOT / "tests" / "test_stress.py"), str(ROOT / "tests" / "test_model.py")]
-    r = py(
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-p",
-        "ringcore_build_guard",
-        *tests,
-        timeout=900,
-    )
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider"]
+    cmd += ["-p", "ringcore_build_guard", *tests]
+    r, report = run_watched(cmd, tmp_path, env, timeout=900)
+    assert report is None, f"sanitizer report:\n{report}\n\n{show(r)}"
     assert r.returncode == 0, show(r)
     exercised = (tmp_path / "exercised.txt").read_text()
     assert Path(exercised) == ext, f"the test run imported {exercised!r}, not {ext}\n{show(r)}"
