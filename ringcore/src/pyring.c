@@ -660,6 +660,8 @@ static PyObject *Ring_poll(RingObject *self, PyObject *const *args,
 	    parse_seconds(a[3], "spin", &spin) ||
 	    check_consumer(self, "poll"))
 		return NULL;
+	if (!a[3] || a[3] == Py_None)
+		spin = 0;
 	if (a[2] && (busy = PyObject_IsTrue(a[2])) < 0)
 		return NULL;
 	list = PyList_New(0);
@@ -838,7 +840,9 @@ static PyMethodDef Ring_methods[] = {
 	 "poll(timeout=None, max_records=None, busy_poll=False, spin=None)\n--\n\n"
 	 "Consume; if nothing is there, wait up to timeout seconds (None: "
 	 "forever) and consume again. busy_poll spins instead of sleeping; "
-	 "spin spins that many seconds before sleeping."},
+	 "spin spins that many seconds before sleeping (default: none; a "
+	 "consumer that spins follows the producer record by record and "
+	 "shares its cache lines, which costs throughput)."},
 	{"prepare_wait", (PyCFunction)Ring_prepare_wait, METH_NOARGS,
 	 "prepare_wait()\n--\n\nAnnounce that the consumer is about to sleep "
 	 "on fileno(). True: sleep now, a producer will signal. False: a "
