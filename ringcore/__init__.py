@@ -20,6 +20,8 @@ from ringcore._ringcore import (
     MAX_SIZE,
     NO_WAKEUP,
     PAGE_SIZE,
+    ConsumerBusyError,
+    IncompatibleRingError,
     NotConsumerError,
     Reservation,
     ReservationError,
@@ -38,6 +40,8 @@ __all__ = [
     "MAX_SIZE",
     "NO_WAKEUP",
     "PAGE_SIZE",
+    "ConsumerBusyError",
+    "IncompatibleRingError",
     "NotConsumerError",
     "Reservation",
     "ReservationError",
@@ -45,6 +49,7 @@ __all__ = [
     "RingClosedError",
     "RingCorruptedError",
     "RingError",
+    "RingNotFoundError",
     "RingQuery",
 ]
 
@@ -57,16 +62,22 @@ class Ring(_CRing):
     """A BPF-style MPSC ring buffer in shared memory.
 
     ``Ring(size)`` creates a ring with a data area of ``size`` bytes (a power
-    of 2 and a multiple of the page size) and makes this process its
-    consumer.
+    of 2 and a multiple of the page size) and makes this handle its consumer
+    (``consumer=False``: a producer handle only, the consumer attaches
+    later). ``abandon_timeout`` is how long a busy record of a dead producer
+    may block the consumer before it is stepped over.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, consumer: bool = True, abandon_timeout: float = 1.0) -> None:
         _live_rings.add(self)
 
     @classmethod
-    def _attach_fds(cls, mem_fd: int, event_fd: int) -> Ring:
-        ring = super()._attach_fds(mem_fd, event_fd)
+    def _attach_fds(
+        cls, mem_fd: int, event_fd: int, *, consumer: bool = False, abandon_timeout: float = 1.0
+    ) -> Ring:
+        ring = super()._attach_fds(
+            mem_fd, event_fd, consumer=consumer, abandon_timeout=abandon_timeout
+        )
         _live_rings.add(ring)
         return ring
 

@@ -24,8 +24,9 @@ class RingMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.ring = ringcore.Ring(RING)
-        # a fresh ring: this process takes producer slot 1 on first use
-        self.model = RingModel(RING, pg_off=1)
+        # a fresh ring: this process takes producer slot 1, generation 1,
+        # on first use; pg_off holds slot | generation << 8
+        self.model = RingModel(RING, pg_off=1 | 1 << 8)
         self.open: list[tuple[ringcore.Reservation, object]] = []
 
     def teardown(self) -> None:

@@ -5,6 +5,7 @@
  * query values.
  */
 #define _GNU_SOURCE
+#include <time.h>
 #include <unistd.h>
 
 #include "ringcore.h"
@@ -12,6 +13,45 @@
 static inline struct rc_hdr *hdr_at(struct rc_ring *r, uint64_t pos)
 {
 	return (struct rc_hdr *)(r->data + (pos & r->mask));
+}
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * The record at cons is busy. In the kernel the verifier guarantees it will
+ * be committed; between processes its producer may have died at any
+ * instruction since reserving it. Once it has blocked the consumer for
+ * abandon_ns, and its owner (named by pg_off) is gone, step over it: 1.
+ * A live producer, however slow, is waited for: records stay in order and a
+ * record is never reused under a producer that can still write it.
+ */
+static int abandon_if_dead(struct rc_ring *r, uint64_t cons,
+			   struct rc_hdr *hdr)
+{
+	uint64_t now;
+
+	if (!r->abandon_ns || !r->slots)
+		return 0;
+	now = mono_ns();
+	if (r->stall_pos != cons || !r->stall_since) {
+		r->stall_pos = cons;
+		r->stall_since = now;
+		return 0;
+	}
+	if (now - r->stall_since < r->abandon_ns)
+		return 0;
+	if (!rc_owner_dead(r, hdr->pg_off)) {
+		r->stall_since = now; /* look again after another period */
+		return 0;
+	}
+	r->stall_since = 0;
+	return 1;
 }
 
 int64_t rc_consume(struct rc_ring *r, rc_sample_fn fn, void *ctx, uint64_t max)
@@ -41,8 +81,21 @@ int64_t rc_consume(struct rc_ring *r, rc_sample_fn fn, void *ctx, uint64_t max)
 		uint64_t rec;
 		int stop = 0;
 
-		if (len & RC_BUSY_BIT)
-			break;
+		if (len & RC_BUSY_BIT) {
+			if (!abandon_if_dead(r, cons, hdr))
+				break;
+			rec = rc_record_len(len & ~RC_BUSY_BIT);
+			if (rec > prod - cons) {
+				corrupt = 1;
+				break;
+			}
+			atomic_fetch_add_explicit(&r->cons->abandoned_records, 1,
+						  memory_order_relaxed);
+			atomic_fetch_add_explicit(&r->cons->abandoned_bytes, rec,
+						  memory_order_relaxed);
+			cons += rec;
+			continue;
+		}
 		size = len & ~RC_DISCARD_BIT;
 		rec = rc_record_len(size);
 		if (rec > prod - cons) {
@@ -89,6 +142,28 @@ int rc_ready(struct rc_ring *r)
 		 RC_BUSY_BIT);
 }
 
+uint64_t rc_stall_recheck_ns(struct rc_ring *r)
+{
+	uint64_t cons, prod, now, due;
+
+	if (!r->abandon_ns || !r->slots)
+		return 0;
+	cons = atomic_load_explicit(&r->cons->consumer_pos,
+				    memory_order_relaxed);
+	/* as in rc_consume() */
+	prod = atomic_load_explicit(&r->prod->producer_pos,
+				    memory_order_acquire);
+	if (cons >= prod || !(atomic_load_explicit(&hdr_at(r, cons)->len,
+						   memory_order_acquire) &
+			      RC_BUSY_BIT))
+		return 0;
+	if (r->stall_pos != cons || !r->stall_since)
+		return r->abandon_ns;
+	now = mono_ns();
+	due = r->stall_since + r->abandon_ns;
+	return due > now ? due - now : 1;
+}
+
 int rc_prepare_wait(struct rc_ring *r)
 {
 	uint64_t junk;
@@ -133,6 +208,13 @@ void rc_query(struct rc_ring *r, struct rc_query *q)
 	q->avail_data = q->producer_pos - q->consumer_pos;
 	q->ring_size = r->mask + 1;
 	q->submitted = q->discarded = q->reserve_failures = q->wakeups = 0;
+	q->abandoned_records = q->abandoned_bytes = 0;
+	if (!r->slots)
+		return; /* a kernel ring: its pages hold only the positions */
+	q->abandoned_records = atomic_load_explicit(&r->cons->abandoned_records,
+						    memory_order_relaxed);
+	q->abandoned_bytes = atomic_load_explicit(&r->cons->abandoned_bytes,
+						  memory_order_relaxed);
 	for (uint32_t i = 0; i < RC_MAX_SLOTS; i++) {
 		struct rc_slot *s = &r->slots[i];
 

@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -53,6 +54,8 @@ const char *rc_strerror(int err)
 		return "ringcore ring of an incompatible layout version";
 	case RC_EGEOMETRY:
 		return "ring header does not match the size of its memory";
+	case RC_EBUSY:
+		return "another live process is the consumer";
 	default:
 		return "unknown error";
 	}
@@ -60,30 +63,52 @@ const char *rc_strerror(int err)
 
 /*
  * Map meta pages and data once from fd, then the data pages again right
- * after. The whole range is reserved first with an inaccessible anonymous
- * mapping so that the two MAP_FIXED mappings land in address space we own.
+ * after, each region with the permissions of `role` (table in ringcore.h).
+ * The whole range is reserved first with an inaccessible anonymous mapping
+ * so that the MAP_FIXED mappings land in address space we own.
  */
-static int map_ring(struct rc_ring *r, int fd, size_t meta, uint64_t size)
+static int map_ring(struct rc_ring *r, int fd, size_t meta, uint64_t size,
+		    int role)
 {
+	const int ro = PROT_READ, rw = PROT_READ | PROT_WRITE;
+	int prod_prot = role == RC_ROLE_PRODUCER ? rw : ro;
 	size_t page = rc_page_size();
 	size_t meta_len = meta * page;
 	size_t total = meta_len + 2 * size;
-	unsigned char *base, *p;
+	struct {
+		size_t at, len;
+		off_t off;
+		int prot;
+	} regions[] = {
+		{0, page, 0, ro},                                   /* ctrl */
+		{page, page, (off_t)page,
+		 role == RC_ROLE_CONSUMER ? rw : ro},               /* cons */
+		{2 * page, meta_len - 2 * page, (off_t)(2 * page),
+		 prod_prot},                                        /* prod, slots */
+		{meta_len, size, (off_t)meta_len, prod_prot},      /* data */
+		{meta_len + size, size, (off_t)meta_len, prod_prot}, /* again */
+	};
+	unsigned char *base;
 
 	base = mmap(NULL, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (base == MAP_FAILED)
 		return -RC_ESYS;
-	p = mmap(base, meta_len + size, PROT_READ | PROT_WRITE,
-		 MAP_SHARED | MAP_FIXED, fd, 0);
-	if (p == MAP_FAILED)
-		goto fail;
-	p = mmap(base + meta_len + size, size, PROT_READ | PROT_WRITE,
-		 MAP_SHARED | MAP_FIXED, fd, (off_t)meta_len);
-	if (p == MAP_FAILED)
-		goto fail;
+	for (size_t i = 0; i < sizeof(regions) / sizeof(regions[0]); i++) {
+		void *p = mmap(base + regions[i].at, regions[i].len,
+			       regions[i].prot, MAP_SHARED | MAP_FIXED, fd,
+			       regions[i].off);
 
+		if (p == MAP_FAILED) {
+			int saved = errno;
+
+			munmap(base, total);
+			errno = saved;
+			return -RC_ESYS;
+		}
+	}
 	r->base = base;
 	r->map_len = total;
+	r->role = role;
 	r->ctrl = (struct rc_ctrl *)base;
 	r->cons = (struct rc_cons_page *)(base + page);
 	r->prod = (struct rc_prod_page *)(base + 2 * page);
@@ -91,14 +116,6 @@ static int map_ring(struct rc_ring *r, int fd, size_t meta, uint64_t size)
 	r->data = base + meta_len;
 	r->mask = size - 1;
 	return 0;
-fail:
-	{
-		int saved = errno;
-
-		munmap(base, total);
-		errno = saved;
-	}
-	return -RC_ESYS;
 }
 
 static int init_lock(pthread_mutex_t *lock)
@@ -128,7 +145,41 @@ static void reset_handle(struct rc_ring *r)
 	r->event_fd = -1;
 }
 
-int rc_create(struct rc_ring *r, uint64_t size)
+/* The lock and the control page are written once, before any process maps
+ * the ring for a role: through a mapping of the producer page alone, and
+ * pwrite(). */
+static int init_ring(int fd, uint64_t size, size_t page, size_t meta)
+{
+	struct rc_prod_page *prod;
+	struct rc_ctrl ctrl;
+	uint64_t magic = RC_MAGIC;
+	int err;
+
+	prod = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+		    (off_t)(2 * page));
+	if (prod == MAP_FAILED)
+		return -RC_ESYS;
+	err = init_lock(&prod->lock);
+	munmap(prod, page);
+	if (err)
+		return err;
+	memset(&ctrl, 0, sizeof(ctrl));
+	ctrl.version = RC_VERSION;
+	ctrl.page_size = (uint32_t)page;
+	ctrl.data_size = size;
+	ctrl.meta_pages = (uint32_t)meta;
+	ctrl.max_slots = RC_MAX_SLOTS;
+	ctrl.creator_pid = (uint32_t)getpid();
+	if (pwrite(fd, &ctrl, sizeof(ctrl), 0) != (ssize_t)sizeof(ctrl))
+		return -RC_ESYS;
+	/* Written last, after everything it vouches for: a process that
+	 * attaches reads it first (pwrite/pread on one file are ordered). */
+	if (pwrite(fd, &magic, sizeof(magic), 0) != (ssize_t)sizeof(magic))
+		return -RC_ESYS;
+	return 0;
+}
+
+int rc_create(struct rc_ring *r, uint64_t size, int role)
 {
 	size_t page = rc_page_size();
 	size_t meta = meta_pages(page);
@@ -141,6 +192,8 @@ int rc_create(struct rc_ring *r, uint64_t size)
 		return err;
 	file_len = (off_t)(meta * page + size);
 
+	/* An anonymous memfd: no name in any file system, so nothing is
+	 * world-accessible; other processes get it only as a descriptor. */
 	r->mem_fd = memfd_create("ringcore", MFD_CLOEXEC);
 	if (r->mem_fd < 0)
 		goto sys_fail;
@@ -156,26 +209,12 @@ int rc_create(struct rc_ring *r, uint64_t size)
 	r->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (r->event_fd < 0)
 		goto sys_fail;
-	err = map_ring(r, r->mem_fd, meta, size);
+	err = init_ring(r->mem_fd, size, page, meta);
 	if (err)
 		goto fail;
-	err = init_lock(&r->prod->lock);
+	err = map_ring(r, r->mem_fd, meta, size, role);
 	if (err)
 		goto fail;
-
-	r->prod->pending_pos = 0;
-	r->prod->next_pos = 0;
-	atomic_store_explicit(&r->prod->producer_pos, 0, memory_order_relaxed);
-	atomic_store_explicit(&r->cons->consumer_pos, 0, memory_order_relaxed);
-	r->ctrl->version = RC_VERSION;
-	r->ctrl->page_size = (uint32_t)page;
-	r->ctrl->data_size = size;
-	r->ctrl->meta_pages = (uint32_t)meta;
-	r->ctrl->max_slots = RC_MAX_SLOTS;
-	r->ctrl->creator_pid = (uint32_t)getpid();
-	/* Written last, after everything it vouches for; pairs with the
-	 * acquire load in rc_attach(). */
-	__atomic_store_n(&r->ctrl->magic, RC_MAGIC, __ATOMIC_RELEASE);
 	return 0;
 
 sys_fail:
@@ -190,7 +229,7 @@ fail:
 	return err;
 }
 
-int rc_attach(struct rc_ring *r, int mem_fd, int event_fd)
+int rc_attach(struct rc_ring *r, int mem_fd, int event_fd, int role)
 {
 	size_t page = rc_page_size();
 	struct rc_ctrl ctrl;
@@ -221,7 +260,7 @@ int rc_attach(struct rc_ring *r, int mem_fd, int event_fd)
 	r->event_fd = fcntl(event_fd, F_DUPFD_CLOEXEC, 0);
 	if (r->event_fd < 0)
 		goto sys_fail;
-	err = map_ring(r, r->mem_fd, ctrl.meta_pages, ctrl.data_size);
+	err = map_ring(r, r->mem_fd, ctrl.meta_pages, ctrl.data_size, role);
 	if (err)
 		goto fail;
 	return 0;
@@ -247,4 +286,43 @@ void rc_close(struct rc_ring *r)
 	if (r->event_fd >= 0)
 		close(r->event_fd);
 	reset_handle(r);
+}
+
+static int pid_alive(uint32_t pid)
+{
+	return kill((pid_t)pid, 0) == 0 || errno != ESRCH;
+}
+
+int rc_claim_consumer(struct rc_ring *r, uint32_t *holder)
+{
+	uint32_t me = (uint32_t)getpid();
+	uint32_t cur = atomic_load_explicit(&r->cons->consumer_pid,
+					    memory_order_relaxed);
+
+	for (;;) {
+		if (cur && cur != me && pid_alive(cur)) {
+			*holder = cur;
+			return -RC_EBUSY;
+		}
+		/* free, or its holder died: a restarted consumer takes over
+		 * and resumes at the stored consumer_pos */
+		if (atomic_compare_exchange_strong_explicit(
+			    &r->cons->consumer_pid, &cur, me,
+			    memory_order_acq_rel, memory_order_relaxed))
+			break;
+	}
+	/* whatever a dead consumer left announced is void */
+	atomic_store_explicit(&r->cons->waiting, 0, memory_order_relaxed);
+	r->cached_cons = atomic_load_explicit(&r->cons->consumer_pos,
+					      memory_order_acquire);
+	return 0;
+}
+
+void rc_release_consumer(struct rc_ring *r)
+{
+	uint32_t me = (uint32_t)getpid();
+
+	atomic_compare_exchange_strong_explicit(&r->cons->consumer_pid, &me, 0,
+						memory_order_release,
+						memory_order_relaxed);
 }

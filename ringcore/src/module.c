@@ -7,6 +7,8 @@ PyObject *RingClosedError;
 PyObject *NotConsumerError;
 PyObject *ReservationError;
 PyObject *RingCorruptedError;
+PyObject *ConsumerBusyError;
+PyObject *IncompatibleRingError;
 PyTypeObject *RingQueryType;
 
 static PyStructSequence_Field query_fields[] = {
@@ -18,6 +20,8 @@ static PyStructSequence_Field query_fields[] = {
 	{"discarded", "records committed with discard, all producers"},
 	{"reserve_failures", "reservations refused for lack of room"},
 	{"wakeups", "eventfd signals producers sent to the consumer"},
+	{"abandoned_records", "busy records of dead producers stepped over"},
+	{"abandoned_bytes", "bytes of those records, headers included"},
 	{NULL, NULL},
 };
 
@@ -25,7 +29,7 @@ static PyStructSequence_Desc query_desc = {
 	"ringcore.RingQuery",
 	"Momentary snapshot of a ring's positions and counters.",
 	query_fields,
-	8,
+	10,
 };
 
 static struct PyModuleDef ringcore_module = {
@@ -78,8 +82,14 @@ PyMODINIT_FUNC PyInit__ringcore(void)
 	RingCorruptedError = new_error(
 		m, "RingCorruptedError", RingError,
 		"A record header in shared memory is inconsistent.");
+	ConsumerBusyError = new_error(
+		m, "ConsumerBusyError", NotConsumerError,
+		"The ring already has a live consumer process.");
+	IncompatibleRingError = new_error(
+		m, "IncompatibleRingError", RingError,
+		"The memory is not a ringcore ring of this version and layout.");
 	if (!RingClosedError || !NotConsumerError || !ReservationError ||
-	    !RingCorruptedError)
+	    !RingCorruptedError || !ConsumerBusyError || !IncompatibleRingError)
 		goto fail;
 	if (PyModule_AddIntConstant(m, "NO_WAKEUP", RC_NO_WAKEUP) ||
 	    PyModule_AddIntConstant(m, "FORCE_WAKEUP", RC_FORCE_WAKEUP) ||

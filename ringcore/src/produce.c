@@ -109,6 +109,14 @@ struct rc_slot *rc_my_slot(struct rc_ring *r)
 found:
 	r->slot_idx = i;
 	r->slot = &r->slots[i];
+	/* A new generation per claim: records this claim reserves carry it,
+	 * so they are told apart from records of the slot's earlier owners.
+	 * Slot 0 is shared and keeps generation 0. */
+	r->pg_off = RC_PG_OFF(i, i ? (atomic_fetch_add_explicit(
+					      &r->slot->gen, 1,
+					      memory_order_relaxed) + 1) &
+					     0xffffff
+				   : 0);
 	return r->slot;
 }
 
@@ -116,6 +124,33 @@ void rc_forget_slot(struct rc_ring *r)
 {
 	r->slot = NULL;
 	r->slot_idx = 0;
+	r->pg_off = 0;
+}
+
+void rc_release_slot(struct rc_ring *r)
+{
+	if (r->slot && r->slot_idx)
+		atomic_store_explicit(&r->slot->pid, 0, memory_order_relaxed);
+	rc_forget_slot(r);
+}
+
+int rc_owner_dead(struct rc_ring *r, uint32_t pg_off)
+{
+	uint32_t idx = pg_off & ((1U << RC_SLOT_BITS) - 1);
+	uint32_t gen = pg_off >> RC_SLOT_BITS;
+	struct rc_slot *s = &r->slots[idx];
+	uint32_t pid;
+
+	/* Slot 0 is shared by processes that found no slot of their own:
+	 * it does not tell who reserved the record, so never presume. */
+	if (idx == 0)
+		return 0;
+	/* the slot has been claimed again since: its owner then was gone */
+	if ((atomic_load_explicit(&s->gen, memory_order_relaxed) & 0xffffff) !=
+	    gen)
+		return 1;
+	pid = atomic_load_explicit(&s->pid, memory_order_relaxed);
+	return pid == 0 || pid_is_dead(pid);
 }
 
 /*
@@ -136,9 +171,18 @@ static uint64_t advance_pending(struct rc_ring *r, uint64_t prod_pos)
 						    memory_order_relaxed);
 		uint64_t rec;
 
-		if (len & RC_BUSY_BIT)
-			break;
-		rec = rc_record_len(len & ~RC_DISCARD_BIT);
+		if (len & RC_BUSY_BIT) {
+			/* The consumer steps over a busy record only once its
+			 * producer is dead (rc_consume()); nobody will write it
+			 * any more, so it no longer holds producers back. */
+			if (pend >= r->cached_cons)
+				r->cached_cons = atomic_load_explicit(
+					&r->cons->consumer_pos,
+					memory_order_acquire);
+			if (pend >= r->cached_cons)
+				break;
+		}
+		rec = rc_record_len(len & ~(RC_BUSY_BIT | RC_DISCARD_BIT));
 		if (rec > prod_pos - pend)
 			break; /* a corrupt length: never walk past prod_pos */
 		pend += rec;
@@ -177,10 +221,13 @@ static inline void write_busy_hdr(struct rc_ring *r, uint64_t pos,
 {
 	struct rc_hdr *hdr = hdr_at(r, pos);
 
-	/* Relaxed: published by the release store of producer_pos below */
+	/* The owner first: a producer that dies between the two stores must
+	 * not leave a busy length naming an earlier lap's owner. */
+	hdr->pg_off = r->pg_off;
+	/* Relaxed: published by the release store of producer_pos that
+	 * follows (ours, or the next holder's if we die before it). */
 	atomic_store_explicit(&hdr->len, size | RC_BUSY_BIT,
 			      memory_order_relaxed);
-	hdr->pg_off = r->slot_idx;
 }
 
 void *rc_reserve(struct rc_ring *r, uint32_t size, uint64_t *pos)
@@ -267,8 +314,8 @@ static void signal_consumer(struct rc_ring *r)
  *
  * ringcore keeps the kernel's rule and adds one condition: the consumer must
  * also have announced that it is going to sleep (cons->waiting, set in
- * rc_prepare_wait()). Only the producer that flips the flag back to 0 writes
- * the eventfd, so a sleeping consumer gets one wakeup, and a running one none.
+ * rc_prepare_wait()), so a running consumer costs producers no system call and
+ * a sleeping one gets one wakeup.
  *
  * [off, off + span) is the part of the data area the records just committed
  * occupy (offsets, so it may wrap). The consumer position always sits on a
@@ -297,10 +344,10 @@ static void notify(struct rc_ring *r, uint64_t off, uint64_t span,
 				    memory_order_relaxed);
 	if (((cons - off) & r->mask) >= span)
 		return;
-	/* one wakeup per sleep, whoever gets here first */
-	if (atomic_exchange_explicit(&r->cons->waiting, 0,
-				     memory_order_relaxed))
-		signal_consumer(r);
+	/* Only the producer whose commit covers consumer_pos gets here, so a
+	 * sleep costs one wakeup. The flag is the consumer's to clear:
+	 * producers map its page read-only. */
+	signal_consumer(r);
 }
 
 /* commit one record; returns its offset in the data area */
@@ -365,4 +412,29 @@ int rc_output(struct rc_ring *r, const void *data, uint32_t size,
 	memcpy(sample, data, size);
 	rc_submit(r, sample, flags);
 	return 0;
+}
+
+void rc_test_park(struct rc_ring *r, uint32_t size, int stage, int notify_fd)
+{
+	uint64_t len = rc_record_len(size), prod;
+	char one = 1;
+
+	rc_my_slot(r);
+	ring_lock(r);
+	prod = r->prod->next_pos;
+	if (stage >= 2 && room_for(r, prod, prod + len)) {
+		write_busy_hdr(r, prod, size);
+		if (stage >= 3) {
+			r->prod->next_pos = prod + len;
+			atomic_store_explicit(&r->prod->producer_pos, prod + len,
+					      memory_order_release);
+		}
+	}
+	if (stage >= 4)
+		ring_unlock(r);
+	if (write(notify_fd, &one, 1) != 1) {
+		/* the test sees no notice and fails on its own */
+	}
+	for (;;)
+		pause();
 }

@@ -33,7 +33,7 @@ PyObject *reservation_new(RingObject *ring, void *sample, uint64_t pos,
 	self = PyObject_New(ReservationObject, &ReservationType);
 	if (!self) {
 		/* never leave a record busy: the consumer would stall on it */
-		rc_discard(&ring->ring, sample, 0);
+		rc_discard(producer_view(ring), sample, 0);
 		return NULL;
 	}
 	Py_INCREF(ring);
@@ -94,9 +94,9 @@ static PyObject *finish(ReservationObject *self, PyObject *const *args,
 		return NULL;
 	}
 	if (discard)
-		rc_discard(&self->ring->ring, self->sample, flags);
+		rc_discard(producer_view(self->ring), self->sample, flags);
 	else
-		rc_submit(&self->ring->ring, self->sample, flags);
+		rc_submit(producer_view(self->ring), self->sample, flags);
 	self->state = discard ? RES_DISCARDED : RES_SUBMITTED;
 	unlink_active(self);
 	Py_RETURN_NONE;
@@ -145,7 +145,7 @@ void reservations_abandon(RingObject *ring)
 		ReservationObject *res = ring->active;
 
 		if (res->fork_gen == ring->fork_gen)
-			rc_discard(&ring->ring, res->sample, 0);
+			rc_discard(producer_view(ring), res->sample, 0);
 		res->state = RES_DISCARDED;
 		unlink_active(res);
 	}
@@ -157,7 +157,7 @@ static void Reservation_dealloc(ReservationObject *self)
 
 	if (self->state == RES_ACTIVE) {
 		if (ring->ring.base && self->fork_gen == ring->fork_gen)
-			rc_discard(&ring->ring, self->sample, 0);
+			rc_discard(producer_view(ring), self->sample, 0);
 		unlink_active(self);
 	}
 	Py_DECREF(ring);

@@ -78,14 +78,44 @@ static void raise_rc_error(int err, const char *what)
 		PyErr_Format(RingError, "%s: %s", what, rc_strerror(err));
 }
 
+static int parse_abandon(double seconds, struct rc_ring *r)
+{
+	if (seconds < 0) {
+		PyErr_SetString(PyExc_ValueError,
+				"abandon_timeout must be >= 0 seconds (0: never)");
+		return -1;
+	}
+	r->abandon_ns = (uint64_t)(seconds * 1e9);
+	return 0;
+}
+
+/* Become the ring's consumer, or explain who is. */
+static int claim_consumer(RingObject *self)
+{
+	uint32_t holder = 0;
+
+	if (rc_claim_consumer(&self->ring, &holder)) {
+		PyErr_Format(ConsumerBusyError,
+			     "the ring already has a live consumer (pid %u); "
+			     "a ring has one consumer at a time",
+			     holder);
+		return -1;
+	}
+	self->is_consumer = 1;
+	return 0;
+}
+
 static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-	static char *kwlist[] = {"size", NULL};
+	static char *kwlist[] = {"size", "consumer", "abandon_timeout", NULL};
 	unsigned long long size;
+	int consumer = 1;
+	double abandon = 1.0;
 	RingObject *self;
 	int err;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "K:Ring", kwlist, &size))
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|$pd:Ring", kwlist, &size,
+					 &consumer, &abandon))
 		return NULL;
 	if (rc_check_size(size)) {
 		raise_size_error(size);
@@ -94,34 +124,81 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	self = (RingObject *)type->tp_alloc(type, 0);
 	if (!self)
 		return NULL;
-	err = rc_create(&self->ring, size);
+	err = rc_create(&self->ring, size,
+			consumer ? RC_ROLE_CONSUMER : RC_ROLE_PRODUCER);
 	if (err) {
 		raise_rc_error(err, "cannot create ring");
 		Py_DECREF(self);
 		return NULL;
 	}
-	self->is_consumer = 1;
+	if (parse_abandon(abandon, &self->ring) ||
+	    (consumer && claim_consumer(self))) {
+		Py_DECREF(self);
+		return NULL;
+	}
 	return (PyObject *)self;
 }
 
-static PyObject *Ring_attach_fds(PyTypeObject *type, PyObject *args)
+static PyObject *Ring_attach_fds(PyTypeObject *type, PyObject *args,
+				 PyObject *kwds)
 {
-	int mem_fd, event_fd, err;
+	static char *kwlist[] = {"mem_fd", "event_fd", "consumer",
+				 "abandon_timeout", NULL};
+	int mem_fd, event_fd, consumer = 0, err;
+	double abandon = 1.0;
 	RingObject *self;
 
-	if (!PyArg_ParseTuple(args, "ii:_attach_fds", &mem_fd, &event_fd))
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii|$pd:_attach_fds",
+					 kwlist, &mem_fd, &event_fd, &consumer,
+					 &abandon))
 		return NULL;
 	self = (RingObject *)type->tp_alloc(type, 0);
 	if (!self)
 		return NULL;
-	err = rc_attach(&self->ring, mem_fd, event_fd);
+	err = rc_attach(&self->ring, mem_fd, event_fd,
+			consumer ? RC_ROLE_CONSUMER : RC_ROLE_PRODUCER);
 	if (err) {
-		raise_rc_error(err, "cannot attach to ring");
+		if (err == -RC_ESYS)
+			PyErr_SetFromErrno(PyExc_OSError);
+		else
+			PyErr_Format(IncompatibleRingError,
+				     "cannot attach to ring: %s",
+				     rc_strerror(err));
 		Py_DECREF(self);
 		return NULL;
 	}
-	self->is_consumer = 0;
+	if (parse_abandon(abandon, &self->ring) ||
+	    (consumer && claim_consumer(self))) {
+		Py_DECREF(self);
+		return NULL;
+	}
 	return (PyObject *)self;
+}
+
+/* The mapping to produce through, made on first use by a consumer handle. */
+static struct rc_ring *get_producer_view(RingObject *self)
+{
+	struct rc_ring *pv;
+	int err;
+
+	if (self->ring.role == RC_ROLE_PRODUCER)
+		return &self->ring;
+	if (self->pview)
+		return self->pview;
+	pv = PyMem_Calloc(1, sizeof(*pv));
+	if (!pv) {
+		PyErr_NoMemory();
+		return NULL;
+	}
+	err = rc_attach(pv, self->ring.mem_fd, self->ring.event_fd,
+			RC_ROLE_PRODUCER);
+	if (err) {
+		PyMem_Free(pv);
+		raise_rc_error(err, "cannot map the ring for producing");
+		return NULL;
+	}
+	self->pview = pv;
+	return pv;
 }
 
 static void do_close(RingObject *self)
@@ -129,10 +206,15 @@ static void do_close(RingObject *self)
 	if (!self->ring.base)
 		return;
 	reservations_abandon(self);
-	/* give the slot back; its counters stay in the totals */
-	if (self->ring.slot && self->ring.slot_idx)
-		atomic_store_explicit(&self->ring.slot->pid, 0,
-				      memory_order_relaxed);
+	if (self->is_consumer)
+		rc_release_consumer(&self->ring);
+	if (self->pview) {
+		rc_release_slot(self->pview);
+		rc_close(self->pview);
+		PyMem_Free(self->pview);
+		self->pview = NULL;
+	}
+	rc_release_slot(&self->ring);
 	rc_close(&self->ring);
 	self->is_consumer = 0;
 }
@@ -200,6 +282,7 @@ static int check_record_size(RingObject *self, Py_ssize_t size)
 {
 	uint64_t max = rc_max_payload(&self->ring);
 
+
 	if (size < 0 || (uint64_t)size > max) {
 		PyErr_Format(PyExc_ValueError,
 			     "a record of %zd bytes can never fit in this ring: "
@@ -216,6 +299,7 @@ static PyObject *Ring_output(RingObject *self, PyObject *const *args,
 			     Py_ssize_t nargs, PyObject *kwnames)
 {
 	static const char *const names[] = {"data", "flags", NULL};
+	struct rc_ring *pr;
 	PyObject *a[2];
 	Py_buffer view;
 	unsigned flags;
@@ -228,13 +312,14 @@ static PyObject *Ring_output(RingObject *self, PyObject *const *args,
 		   parse_flags(a[1], &flags)) {
 		return NULL;
 	}
-	if (check_open(self) || get_bytes(a[0], &view))
+	if (check_open(self) || !(pr = get_producer_view(self)) ||
+	    get_bytes(a[0], &view))
 		return NULL;
 	if (check_record_size(self, view.len)) {
 		put_bytes(&view);
 		return NULL;
 	}
-	rc = rc_output(&self->ring, view.buf, (uint32_t)view.len, flags);
+	rc = rc_output(pr, view.buf, (uint32_t)view.len, flags);
 	put_bytes(&view);
 	return PyBool_FromLong(rc == 0);
 }
@@ -242,7 +327,7 @@ static PyObject *Ring_output(RingObject *self, PyObject *const *args,
 #define BATCH 256
 
 /* Reserve, copy and commit views[0..n) as one batch; returns records written */
-static size_t output_chunk(RingObject *self, Py_buffer *views, size_t n,
+static size_t output_chunk(struct rc_ring *pr, Py_buffer *views, size_t n,
 			   unsigned flags)
 {
 	uint32_t sizes[BATCH];
@@ -251,10 +336,10 @@ static size_t output_chunk(RingObject *self, Py_buffer *views, size_t n,
 
 	for (i = 0; i < n; i++)
 		sizes[i] = (uint32_t)views[i].len;
-	got = rc_reserve_batch(&self->ring, sizes, n, samples, NULL);
+	got = rc_reserve_batch(pr, sizes, n, samples, NULL);
 	for (i = 0; i < got; i++)
 		memcpy(samples[i], views[i].buf, sizes[i]);
-	rc_submit_batch(&self->ring, samples, got, flags);
+	rc_submit_batch(pr, samples, got, flags);
 	return got;
 }
 
@@ -263,12 +348,14 @@ static PyObject *Ring_output_many(RingObject *self, PyObject *const *args,
 {
 	static const char *const names[] = {"records", "flags", NULL};
 	Py_buffer views[BATCH];
+	struct rc_ring *pr;
 	PyObject *a[2], *seq;
 	Py_ssize_t n, i, done = 0;
 	unsigned flags;
 
 	if (fast_args("output_many", args, nargs, kwnames, names, 1, a) ||
-	    parse_flags(a[1], &flags) || check_open(self))
+	    parse_flags(a[1], &flags) || check_open(self) ||
+	    !(pr = get_producer_view(self)))
 		return NULL;
 	seq = PySequence_Fast(a[0], "output_many() needs a sequence of "
 				    "bytes-like records");
@@ -309,14 +396,14 @@ static PyObject *Ring_output_many(RingObject *self, PyObject *const *args,
 					put_bytes(&views[i]);
 				goto fail;
 			}
-		got = output_chunk(self, views, k, flags);
+		got = output_chunk(pr, views, k, flags);
 		for (i = 0; i < (Py_ssize_t)k; i++)
 			put_bytes(&views[i]);
 		done += (Py_ssize_t)got;
 		if (got < k) {
 			/* the records not even tried count as failures too */
 			atomic_fetch_add_explicit(
-				&rc_my_slot(&self->ring)->reserve_failures,
+				&rc_my_slot(pr)->reserve_failures,
 				(uint64_t)(n - done) - (k - got),
 				memory_order_relaxed);
 			break;
@@ -333,6 +420,7 @@ static PyObject *Ring_reserve(RingObject *self, PyObject *const *args,
 			      Py_ssize_t nargs, PyObject *kwnames)
 {
 	static const char *const names[] = {"size", NULL};
+	struct rc_ring *pr;
 	PyObject *size_obj;
 	Py_ssize_t size;
 	uint64_t pos;
@@ -343,9 +431,10 @@ static PyObject *Ring_reserve(RingObject *self, PyObject *const *args,
 	size = PyLong_AsSsize_t(size_obj);
 	if (size == -1 && PyErr_Occurred())
 		return NULL;
-	if (check_open(self) || check_record_size(self, size))
+	if (check_open(self) || check_record_size(self, size) ||
+	    !(pr = get_producer_view(self)))
 		return NULL;
-	sample = rc_reserve(&self->ring, (uint32_t)size, &pos);
+	sample = rc_reserve(pr, (uint32_t)size, &pos);
 	if (!sample)
 		Py_RETURN_NONE;
 	return reservation_new(self, sample, pos, (uint32_t)size);
@@ -589,29 +678,40 @@ static void nap(double seconds)
  * announced, producers make no system call. Only an idle ring reaches the
  * announced sleep on the eventfd.
  */
-static int wait_ready(RingObject *self, double timeout, int busy_poll,
+static int wait_ready(RingObject *self, double deadline, int busy_poll,
 		      double coalesce)
 {
 	struct rc_ring *r = &self->ring;
 	double start = now_s();
-	double deadline = timeout < 0 ? -1 : start + timeout;
+	uint64_t stall;
 	int ready;
 
 	if (rc_ready(r))
 		return 1;
+	/* A busy record blocks the consumer: it may belong to a dead
+	 * producer, whose commit (and wakeup) will never come. Wake when it
+	 * is due for a look, and let the caller consume (which steps over it
+	 * if its owner is gone). */
+	stall = rc_stall_recheck_ns(r);
+	if (stall) {
+		double due = start + (double)stall * 1e-9;
+
+		if (deadline < 0 || due < deadline)
+			deadline = due;
+	}
 	if (busy_poll) {
 		Py_BEGIN_ALLOW_THREADS
 		ready = spin_until(r, deadline < 0 ? 1e300 : deadline);
 		Py_END_ALLOW_THREADS
-		if (ready)
-			return 1;
-		return PyErr_CheckSignals() ? -1 : 0;
+		if (PyErr_CheckSignals())
+			return -1;
+		return ready || stall;
 	}
 	if (coalesce > 0) {
 		if (deadline >= 0 && start + coalesce > deadline)
 			coalesce = deadline - start;
 		Py_BEGIN_ALLOW_THREADS
-		nap(coalesce);
+		nap(coalesce > 0 ? coalesce : 0);
 		ready = rc_ready(r);
 		Py_END_ALLOW_THREADS
 		if (ready)
@@ -645,7 +745,7 @@ static int wait_ready(RingObject *self, double timeout, int busy_poll,
 		if (rc_ready(r))
 			return 1;
 		if (deadline >= 0 && now_s() >= deadline)
-			return 0;
+			return stall ? 1 : 0;
 		/* woken for a later record while an earlier one is still
 		 * busy (or by FORCE_WAKEUP): sleep again */
 	}
@@ -678,7 +778,7 @@ static PyObject *Ring_poll(RingObject *self, PyObject *const *args,
 	static const char *const names[] = {"timeout", "max_records",
 					    "busy_poll", "coalesce", NULL};
 	PyObject *a[4], *list;
-	double timeout, coalesce;
+	double timeout, coalesce, deadline;
 	uint64_t max;
 	int busy = 0, ready;
 
@@ -691,19 +791,22 @@ static PyObject *Ring_poll(RingObject *self, PyObject *const *args,
 		coalesce = DEFAULT_COALESCE;
 	if (a[2] && (busy = PyObject_IsTrue(a[2])) < 0)
 		return NULL;
+	deadline = timeout < 0 ? -1 : now_s() + timeout;
 	list = PyList_New(0);
 	if (!list)
 		return NULL;
-	if (consume_into(self, list, max, 0))
-		goto fail;
-	if (PyList_GET_SIZE(list))
-		return list;
-	ready = wait_ready(self, timeout, busy, coalesce);
-	if (ready < 0)
-		goto fail;
-	if (ready && consume_into(self, list, max, 0))
-		goto fail;
-	return list;
+	for (;;) {
+		if (consume_into(self, list, max, 0))
+			goto fail;
+		if (PyList_GET_SIZE(list) ||
+		    (deadline >= 0 && now_s() >= deadline))
+			return list;
+		ready = wait_ready(self, deadline, busy, coalesce);
+		if (ready < 0)
+			goto fail;
+		if (!ready)
+			return list;
+	}
 fail:
 	Py_DECREF(list);
 	return NULL;
@@ -738,7 +841,7 @@ static PyObject *Ring_ready(RingObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *Ring_query(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
 	struct rc_query q;
-	uint64_t v[8];
+	uint64_t v[10];
 	PyObject *res;
 
 	if (check_open(self))
@@ -752,10 +855,12 @@ static PyObject *Ring_query(RingObject *self, PyObject *Py_UNUSED(ignored))
 	v[5] = q.discarded;
 	v[6] = q.reserve_failures;
 	v[7] = q.wakeups;
+	v[8] = q.abandoned_records;
+	v[9] = q.abandoned_bytes;
 	res = PyStructSequence_New(RingQueryType);
 	if (!res)
 		return NULL;
-	for (int i = 0; i < 8; i++) {
+	for (int i = 0; i < 10; i++) {
 		PyObject *x = PyLong_FromUnsignedLongLong(v[i]);
 
 		if (!x) {
@@ -797,7 +902,51 @@ static PyObject *Ring_after_fork_child(RingObject *self,
 	self->is_consumer = 0;
 	self->fork_gen++;
 	rc_forget_slot(&self->ring);
+	if (self->pview)
+		rc_forget_slot(self->pview);
 	Py_RETURN_NONE;
+}
+
+static PyObject *Ring_regions(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+	struct rc_ring *r = &self->ring;
+	int w_cons = r->role == RC_ROLE_CONSUMER;
+	int w_prod = r->role == RC_ROLE_PRODUCER;
+	uint64_t size = r->mask + 1;
+	unsigned char *data = r->data;
+
+	if (check_open(self))
+		return NULL;
+	return Py_BuildValue(
+		"[(sKKi)(sKKi)(sKKi)(sKKi)(sKKi)(sKKi)]", "ctrl",
+		(unsigned long long)(uintptr_t)r->ctrl,
+		(unsigned long long)sizeof(struct rc_ctrl), 0, "consumer",
+		(unsigned long long)(uintptr_t)r->cons, 8ULL, w_cons, "producer",
+		(unsigned long long)(uintptr_t)r->prod, 8ULL, w_prod, "slots",
+		(unsigned long long)(uintptr_t)r->slots,
+		(unsigned long long)sizeof(struct rc_slot), w_prod, "data",
+		(unsigned long long)(uintptr_t)data, (unsigned long long)size,
+		w_prod, "data_again", (unsigned long long)(uintptr_t)(data + size),
+		(unsigned long long)size, w_prod);
+}
+
+static PyObject *Ring_test_park(RingObject *self, PyObject *args)
+{
+	unsigned int size;
+	int stage, fd;
+	struct rc_ring *pr;
+
+	if (!PyArg_ParseTuple(args, "Iii:_test_park", &size, &stage, &fd) ||
+	    check_open(self) || !(pr = get_producer_view(self)))
+		return NULL;
+	rc_test_park(pr, size, stage, fd);
+	Py_RETURN_NONE; /* not reached */
+}
+
+static PyObject *Ring_get_abandon_timeout(RingObject *self,
+					  void *Py_UNUSED(c))
+{
+	return PyFloat_FromDouble((double)self->ring.abandon_ns * 1e-9);
 }
 
 static PyObject *Ring_get_size(RingObject *self, void *Py_UNUSED(c))
@@ -892,9 +1041,19 @@ static PyMethodDef Ring_methods[] = {
 	 "close()\n--\n\nDiscard open reservations and unmap the ring."},
 	{"__enter__", (PyCFunction)Ring_enter, METH_NOARGS, NULL},
 	{"__exit__", FASTCALL_KW(Ring_exit), METH_FASTCALL, NULL},
-	{"_attach_fds", (PyCFunction)Ring_attach_fds, METH_VARARGS | METH_CLASS,
-	 "_attach_fds(mem_fd, event_fd)\n--\n\nA producer handle on the ring "
-	 "behind these descriptors (they are duplicated)."},
+	{"_attach_fds", (PyCFunction)(void (*)(void))Ring_attach_fds,
+	 METH_VARARGS | METH_KEYWORDS | METH_CLASS,
+	 "_attach_fds(mem_fd, event_fd, *, consumer=False, abandon_timeout=1.0)"
+	 "\n--\n\nA handle on the ring behind these descriptors (they are "
+	 "duplicated): a producer, or with consumer=True the consumer, which "
+	 "resumes at the stored consumer position."},
+	{"_regions", (PyCFunction)Ring_regions, METH_NOARGS,
+	 "_regions()\n--\n\nThis handle's mappings: (name, address, length, "
+	 "writable) tuples, for isolation tests."},
+	{"_test_park", (PyCFunction)(void (*)(void))Ring_test_park,
+	 METH_VARARGS,
+	 "_test_park(size, stage, notify_fd)\n--\n\nTest hook: stop inside "
+	 "a reservation (see rc_test_park) and block forever."},
 	{"_after_fork_child", (PyCFunction)Ring_after_fork_child, METH_NOARGS,
 	 NULL},
 	{NULL, NULL, 0, NULL},
@@ -905,7 +1064,10 @@ static PyGetSetDef Ring_getset[] = {
 	{"max_record_size", (getter)Ring_get_max_record, NULL,
 	 "Largest payload a record can have in this ring.", NULL},
 	{"is_consumer", (getter)Ring_get_is_consumer, NULL,
-	 "True in the process that created the ring.", NULL},
+	 "True for the handle that holds the ring's consumer role.", NULL},
+	{"abandon_timeout", (getter)Ring_get_abandon_timeout, NULL,
+	 "Seconds a busy record of a dead producer may block the consumer "
+	 "before it is stepped over (0: never).", NULL},
 	{"closed", (getter)Ring_get_closed, NULL, "True after close().", NULL},
 	{"_mem_fd", (getter)Ring_get_mem_fd, NULL, NULL, NULL},
 	{NULL, NULL, NULL, NULL, NULL},
@@ -918,8 +1080,9 @@ PyTypeObject RingType = {
 	.tp_dealloc = (destructor)Ring_dealloc,
 	.tp_repr = (reprfunc)Ring_repr,
 	.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-	.tp_doc = "Ring(size)\n--\n\nA multi-producer, single-consumer ring "
-		  "buffer in shared memory.",
+	.tp_doc = "Ring(size, *, consumer=True, abandon_timeout=1.0)\n--\n\n"
+		  "A multi-producer, single-consumer ring buffer in shared "
+		  "memory.",
 	.tp_weaklistoffset = offsetof(RingObject, weakreflist),
 	.tp_methods = Ring_methods,
 	.tp_getset = Ring_getset,

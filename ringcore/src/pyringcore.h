@@ -12,8 +12,11 @@ struct ReservationObject;
 
 typedef struct {
 	PyObject_HEAD
-	struct rc_ring ring;   /* ring.base == NULL once closed */
-	int is_consumer;       /* the creating process consumes; others produce */
+	struct rc_ring ring;   /* ring.base == NULL once closed; mapped for the
+				  consumer role when the handle was made one */
+	struct rc_ring *pview; /* a consumer handle's producer mapping, made on
+				  first produce; NULL otherwise */
+	int is_consumer;       /* holds the ring's consumer role */
 	uint64_t fork_gen;     /* bumped in a forked child: older reservations
 				  belong to the parent */
 	Py_ssize_t exports;    /* live buffers into ring memory (reservations,
@@ -51,10 +54,20 @@ extern PyObject *RingClosedError;
 extern PyObject *NotConsumerError;
 extern PyObject *ReservationError;
 extern PyObject *RingCorruptedError;
+extern PyObject *ConsumerBusyError;
+extern PyObject *IncompatibleRingError;
 extern PyTypeObject RingType;
 extern PyTypeObject ReservationType;
 extern PyTypeObject RecordViewType;
 extern PyTypeObject *RingQueryType;
+
+/* The mapping producer operations of this handle go through: the handle's
+ * own if it was mapped for producing, else its producer view (which exists
+ * once anything was reserved through it). */
+static inline struct rc_ring *producer_view(RingObject *o)
+{
+	return o->ring.role == RC_ROLE_PRODUCER ? &o->ring : o->pview;
+}
 
 /* pyreservation.c */
 PyObject *reservation_new(RingObject *ring, void *sample, uint64_t pos,

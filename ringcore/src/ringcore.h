@@ -31,8 +31,16 @@
  *         counter cache line; query() sums the slots.
  *  data   records, each an 8-byte header and the payload, rounded up to 8.
  *
- * Each concern lives on its own page so that later each mapping can be given
- * the permissions its role needs (read-only where a process must not write).
+ * Each concern lives on its own pages so that each process maps it with the
+ * permissions of its role, enforced by the MMU (as the kernel does since
+ * 04ea3086): a stray write faults in the writer instead of corrupting the
+ * ring.
+ *
+ *            ctrl  cons  prod+slots  data (both copies)
+ *  consumer   r     rw     r           r
+ *  producer   r     r      rw          rw
+ *
+ * A process that consumes and also produces holds two mappings, one per role.
  *
  * Positions are free-running 64-bit byte counters; the offset of a position
  * in the data area is pos & mask.
@@ -48,10 +56,12 @@
  *
  * The kernel stores in pg_off the page offset of the header from the start of
  * struct bpf_ringbuf, to find the ring again from a bare record pointer.
- * ringcore does not need that (a reservation knows its ring), so pg_off holds
- * the index of the producer slot of the process that reserved the record:
- * who owns a busy record is then readable from the ring itself. All other
- * bytes of the data area are what the kernel writes for the same operations.
+ * ringcore does not need that (a reservation knows its ring), so pg_off names
+ * the process that reserved the record: its producer slot index in bits 0-7
+ * and the slot's claim generation in bits 8-31. Who owns a busy record is
+ * then readable from the ring itself, even after the slot passed on to
+ * another process. All other bytes of the data area are what the kernel
+ * writes for the same operations.
  */
 #ifndef RINGCORE_H
 #define RINGCORE_H
@@ -88,7 +98,13 @@ enum {
 	RC_EMAGIC = 3,    /* not a ringcore ring */
 	RC_EVERSION = 4,  /* ringcore ring of another layout version */
 	RC_EGEOMETRY = 5, /* header sizes disagree with the file size */
+	RC_EBUSY = 6,     /* another live process is the consumer */
 };
+
+enum { RC_ROLE_PRODUCER = 0, RC_ROLE_CONSUMER = 1 };
+
+#define RC_SLOT_BITS 8
+#define RC_PG_OFF(idx, gen) ((idx) | ((gen) << RC_SLOT_BITS))
 
 struct rc_ctrl {
 	uint64_t magic;
@@ -112,6 +128,13 @@ struct rc_cons_page {
 	_Atomic uint32_t waiting;
 	uint32_t pad1;
 	_Atomic uint64_t wakeups_seen; /* times the consumer woke from a sleep */
+	char pad2[RC_CACHELINE - 16];
+	/* pid of the live consumer, 0 when there is none */
+	_Atomic uint32_t consumer_pid;
+	uint32_t pad3;
+	/* busy records of dead producers the consumer stepped over */
+	_Atomic uint64_t abandoned_records;
+	_Atomic uint64_t abandoned_bytes;
 };
 
 struct rc_prod_page {
@@ -128,8 +151,8 @@ struct rc_prod_page {
 };
 
 struct rc_slot {
-	_Atomic uint32_t pid;
-	uint32_t pad0;
+	_Atomic uint32_t pid; /* 0: free */
+	_Atomic uint32_t gen; /* bumped by every claim, low 24 bits used */
 	_Atomic uint64_t submitted;
 	_Atomic uint64_t discarded;
 	_Atomic uint64_t reserve_failures;
@@ -154,14 +177,21 @@ struct rc_ring {
 	uint64_t mask;       /* data size - 1 */
 	int mem_fd;
 	int event_fd;
+	int role;             /* RC_ROLE_*: decides the mapping's permissions */
 	struct rc_slot *slot; /* this process's slot; NULL until first produce */
 	uint32_t slot_idx;
+	uint32_t pg_off;      /* RC_PG_OFF(slot_idx, generation of our claim) */
 	/* Last consumer_pos this handle read, under the reservation lock.
 	 * Positions only grow, so a stale value only underestimates the room:
 	 * reserving re-reads consumer_pos (a cache miss on a line the consumer
 	 * keeps writing) only when the cached value says the record does not
 	 * fit. */
 	uint64_t cached_cons;
+	/* Consumer only: a busy record of a dead producer is stepped over once
+	 * it has blocked the consumer for abandon_ns (0: never). */
+	uint64_t abandon_ns;
+	uint64_t stall_pos;
+	uint64_t stall_since; /* CLOCK_MONOTONIC ns, 0: not stalled */
 };
 
 struct rc_query {
@@ -173,6 +203,8 @@ struct rc_query {
 	uint64_t discarded;
 	uint64_t reserve_failures;
 	uint64_t wakeups;
+	uint64_t abandoned_records;
+	uint64_t abandoned_bytes;
 };
 
 /* --- map.c: creation, attachment, teardown ------------------------------ */
@@ -180,10 +212,15 @@ struct rc_query {
 /* 0 if size is a valid data size, else -RC_EBADSIZE */
 int rc_check_size(uint64_t size);
 size_t rc_page_size(void);
-int rc_create(struct rc_ring *r, uint64_t size);
+/* create a ring and map it for `role` */
+int rc_create(struct rc_ring *r, uint64_t size, int role);
 /* attach to a ring from its memory fd and event fd (both are dup()ed) */
-int rc_attach(struct rc_ring *r, int mem_fd, int event_fd);
+int rc_attach(struct rc_ring *r, int mem_fd, int event_fd, int role);
 void rc_close(struct rc_ring *r);
+/* take the consumer role: 0, or -RC_EBUSY while another live process
+ * holds it (*holder tells which) */
+int rc_claim_consumer(struct rc_ring *r, uint32_t *holder);
+void rc_release_consumer(struct rc_ring *r);
 const char *rc_strerror(int err);
 
 /* --- produce.c: reserve, commit, output ---------------------------------- */
@@ -222,6 +259,15 @@ int rc_output(struct rc_ring *r, const void *data, uint32_t size,
 struct rc_slot *rc_my_slot(struct rc_ring *r);
 /* forget the slot claimed by the parent (call in a forked child) */
 void rc_forget_slot(struct rc_ring *r);
+/* give this process's slot back (its counters stay in the totals) */
+void rc_release_slot(struct rc_ring *r);
+/* 1 if the process named by a record's pg_off is certainly gone */
+int rc_owner_dead(struct rc_ring *r, uint32_t pg_off);
+/* Test hook: reserve a record of `size` but stop at `stage` (1: holding the
+ * lock, 2: busy header written, 3: producer_pos published, lock held, 4:
+ * reserved, lock released), write one byte to notify_fd, and block forever:
+ * a test kills the process there. */
+void rc_test_park(struct rc_ring *r, uint32_t size, int stage, int notify_fd);
 
 /* --- consume.c: the single consumer -------------------------------------- */
 
@@ -237,6 +283,9 @@ typedef int (*rc_sample_fn)(void *ctx, uint64_t pos, const void *data,
 int64_t rc_consume(struct rc_ring *r, rc_sample_fn fn, void *ctx, uint64_t max);
 /* 1 if the record at consumer_pos is committed (even if discarded) */
 int rc_ready(struct rc_ring *r);
+/* ns until the consumer should look again at a busy record that blocks it
+ * (it may belong to a dead producer), or 0 when it is not blocked */
+uint64_t rc_stall_recheck_ns(struct rc_ring *r);
 /* Announce that the consumer is about to sleep. Returns 1 if it may sleep on
  * event_fd now, 0 if a record is ready (the announcement is withdrawn). */
 int rc_prepare_wait(struct rc_ring *r);
