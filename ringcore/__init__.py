@@ -65,10 +65,19 @@ class Ring(_CRing):
     of 2 and a multiple of the page size) and makes this handle its consumer
     (``consumer=False``: a producer handle only, the consumer attaches
     later). ``abandon_timeout`` is how long a busy record of a dead producer
-    may block the consumer before it is stepped over.
+    may block the consumer before it is stepped over. ``overwrite=True``
+    makes a flight recorder (BPF_F_RB_OVERWRITE): reservations never fail
+    for lack of room, the newest records overwrite the oldest.
     """
 
-    def __init__(self, size: int, *, consumer: bool = True, abandon_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        consumer: bool = True,
+        abandon_timeout: float = 1.0,
+        overwrite: bool = False,
+    ) -> None:
         _live_rings.add(self)
 
     @classmethod

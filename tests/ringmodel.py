@@ -1,5 +1,8 @@
 """A small pure-Python reference model of the BPF ring buffer.
 
+With overwrite=True it models BPF_F_RB_OVERWRITE (Linux 6.19) for a consumer
+that runs between producer operations.
+
 It follows kernel/bpf/ringbuf.c step by step (including the 2024
 pending_pos rule) and keeps the data area as bytes, so tests can compare
 ringcore's snapshot() with it byte for byte.
@@ -26,7 +29,7 @@ class Rec:
 
 
 class RingModel:
-    def __init__(self, size: int, pg_off: int) -> None:
+    def __init__(self, size: int, pg_off: int, overwrite: bool = False) -> None:
         self.size = size
         self.mask = size - 1
         self.data = bytearray(size)
@@ -37,6 +40,10 @@ class RingModel:
         self.submitted = 0
         self.discarded = 0
         self.failures = 0
+        # overwrite mode (BPF_F_RB_OVERWRITE)
+        self.overwrite = overwrite
+        self.over = 0
+        self.lost = 0
 
     def _write(self, pos: int, blob: bytes) -> None:
         for i, b in enumerate(blob):
@@ -61,7 +68,13 @@ class RingModel:
             pend += record_len(hdr_len & ~DISCARD)
         self.pend = pend
         new_prod = self.prod + length
-        if new_prod - self.cons > self.mask or new_prod - pend > self.mask:
+        if self.overwrite:
+            if new_prod - pend > self.mask:
+                self.failures += 1
+                return None
+            while new_prod - self.over > self.mask:
+                self.over += record_len(self._len_at(self.over) & ~(BUSY | DISCARD))
+        elif new_prod - self.cons > self.mask or new_prod - pend > self.mask:
             self.failures += 1
             return None
         self._write(self.prod, struct.pack("<II", size | BUSY, self.pg_off))
@@ -90,6 +103,9 @@ class RingModel:
 
     def consume(self, max_records: int | None = None) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
+        if self.overwrite and self.cons < self.over:
+            self.lost += self.over - self.cons
+            self.cons = self.over
         while self.cons < self.prod:
             hdr_len = self._len_at(self.cons)
             if hdr_len & BUSY:

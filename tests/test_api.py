@@ -808,10 +808,10 @@ def test_pickle_in_process_gives_producer_handle(ring):
 
 
 def test_query_fields(ring):
-    """query() is a named 10-tuple; avail_data is producer_pos - consumer_pos."""
+    """query() is a named 12-tuple; avail_data is producer_pos - consumer_pos."""
     q = ring.query()
-    assert len(q) == 10
-    assert q == (0, SIZE, 0, 0, 0, 0, 0, 0, 0, 0)
+    assert len(q) == 12
+    assert q == (0, SIZE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     ring.output_many([b"a" * 10, b"b" * 3])
     q = ring.query()
     assert q.ring_size == SIZE

@@ -21,12 +21,14 @@ sizes = st.one_of(st.integers(0, 64), st.integers(65, 1500), st.integers(RING - 
 
 
 class RingMachine(RuleBasedStateMachine):
+    overwrite = False
+
     def __init__(self) -> None:
         super().__init__()
-        self.ring = ringcore.Ring(RING)
+        self.ring = ringcore.Ring(RING, overwrite=self.overwrite)
         # a fresh ring: this process takes producer slot 1, generation 1,
         # on first use; pg_off holds slot | generation << 8
-        self.model = RingModel(RING, pg_off=1 | 1 << 8)
+        self.model = RingModel(RING, pg_off=1 | 1 << 8, overwrite=self.overwrite)
         self.open: list[tuple[ringcore.Reservation, object]] = []
 
     def teardown(self) -> None:
@@ -116,8 +118,11 @@ class RingMachine(RuleBasedStateMachine):
         assert (cons, prod) == (self.model.cons, self.model.prod)
         assert data == bytes(self.model.data)
         q = self.ring.query()
-        assert q.avail_data == prod - cons
+        m = self.model
+        assert q.avail_data == prod - max(cons, m.over if m.overwrite else 0)
         assert q.ring_size == RING
+        assert q.overwrite_pos == m.over
+        assert q.overwritten_bytes == m.lost + max(0, m.over - m.cons)
         assert (q.submitted, q.discarded, q.reserve_failures) == (
             self.model.submitted,
             self.model.discarded,
@@ -132,3 +137,11 @@ RingMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestRingAgainstModel = RingMachine.TestCase
+
+
+class OverwriteRingMachine(RingMachine):
+    overwrite = True
+
+
+OverwriteRingMachine.TestCase.settings = RingMachine.TestCase.settings
+TestOverwriteRingAgainstModel = OverwriteRingMachine.TestCase

@@ -5,6 +5,8 @@
  * query values.
  */
 #define _GNU_SOURCE
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -54,6 +56,87 @@ static int abandon_if_dead(struct rc_ring *r, uint64_t cons,
 	return 1;
 }
 
+/*
+ * Overwrite mode: producers may overwrite a record while the consumer reads
+ * it, so each record is copied out, then checked seqlock-style against
+ * overwrite_pos, and handed on only if it was intact throughout the copy.
+ * The consumer skips ahead to overwrite_pos whenever it fell behind it,
+ * counting the bytes it never saw.
+ */
+static int64_t consume_overwrite(struct rc_ring *r, rc_sample_fn fn, void *ctx,
+				 uint64_t max)
+{
+	uint64_t cons, prod, over;
+	int64_t cnt = 0;
+	int corrupt = 0;
+
+	if (!r->scratch && !(r->scratch = malloc(r->mask + 1)))
+		return -2;
+	cons = atomic_load_explicit(&r->cons->consumer_pos,
+				    memory_order_relaxed);
+	/* as in rc_consume() */
+	prod = atomic_load_explicit(&r->prod->producer_pos,
+				    memory_order_acquire);
+	while (cons < prod) {
+		struct rc_hdr *hdr = hdr_at(r, cons);
+		uint32_t len, size;
+		uint64_t rec;
+		int stop = 0;
+
+		/* stored before the producer_pos we acquired */
+		over = atomic_load_explicit(&r->prod->overwrite_pos,
+					    memory_order_acquire);
+		if (cons < over) {
+			atomic_fetch_add_explicit(&r->cons->overwritten_bytes,
+						  over - cons,
+						  memory_order_relaxed);
+			cons = over;
+			continue;
+		}
+		/* as in rc_consume() */
+		len = atomic_load_explicit(&hdr->len, memory_order_acquire);
+		if (len & RC_BUSY_BIT) {
+			if (!abandon_if_dead(r, cons, hdr))
+				break;
+			rec = rc_record_len(len & ~RC_BUSY_BIT);
+			atomic_fetch_add_explicit(&r->cons->abandoned_records, 1,
+						  memory_order_relaxed);
+			atomic_fetch_add_explicit(&r->cons->abandoned_bytes, rec,
+						  memory_order_relaxed);
+			cons += rec;
+			continue;
+		}
+		size = len & ~RC_DISCARD_BIT;
+		rec = rc_record_len(size);
+		if (rec <= prod - cons)
+			memcpy(r->scratch, (unsigned char *)hdr + RC_HDR_SZ,
+			       size);
+		/* Seqlock reader's fence: pairs with the release fence in
+		 * make_room(). If the copy (or the header) saw any byte a
+		 * producer wrote after taking this space, this load sees the
+		 * overwrite_pos that gave the space away. */
+		atomic_thread_fence(memory_order_acquire);
+		if (atomic_load_explicit(&r->prod->overwrite_pos,
+					 memory_order_relaxed) > cons)
+			continue; /* torn: skip ahead at the top */
+		if (rec > prod - cons) {
+			corrupt = 1;
+			break;
+		}
+		if (!(len & RC_DISCARD_BIT)) {
+			stop = fn(ctx, cons, r->scratch, size);
+			cnt++;
+		}
+		cons += rec;
+		if (stop || (max && (uint64_t)cnt >= max))
+			break;
+	}
+	/* as in rc_consume() */
+	atomic_store_explicit(&r->cons->consumer_pos, cons,
+			      memory_order_release);
+	return corrupt ? -1 : cnt;
+}
+
 int64_t rc_consume(struct rc_ring *r, rc_sample_fn fn, void *ctx, uint64_t max)
 {
 	/* Give space back to producers in quarters of the ring while a long
@@ -63,6 +146,8 @@ int64_t rc_consume(struct rc_ring *r, rc_sample_fn fn, void *ctx, uint64_t max)
 	int64_t cnt = 0;
 	int corrupt = 0;
 
+	if (r->overwrite)
+		return consume_overwrite(r, fn, ctx, max);
 	/* the consumer is the only writer of consumer_pos */
 	cons = atomic_load_explicit(&r->cons->consumer_pos,
 				    memory_order_relaxed);
@@ -134,6 +219,13 @@ int rc_ready(struct rc_ring *r)
 	uint64_t prod = atomic_load_explicit(&r->prod->producer_pos,
 					     memory_order_acquire);
 
+	if (r->overwrite) {
+		uint64_t over = atomic_load_explicit(&r->prod->overwrite_pos,
+						     memory_order_acquire);
+
+		if (over > cons)
+			cons = over;
+	}
 	if (cons >= prod)
 		return 0;
 	/* as in rc_consume() */
@@ -207,6 +299,24 @@ void rc_query(struct rc_ring *r, struct rc_query *q)
 					       memory_order_acquire);
 	q->avail_data = q->producer_pos - q->consumer_pos;
 	q->ring_size = r->mask + 1;
+	q->overwrite_pos = q->overwritten_bytes = 0;
+	if (r->overwrite) {
+		uint64_t over = atomic_load_explicit(&r->prod->overwrite_pos,
+						     memory_order_acquire);
+		uint64_t seen = atomic_load_explicit(&r->cons->overwritten_bytes,
+						     memory_order_relaxed);
+
+		q->overwrite_pos = over;
+		/* bytes lost so far: those the consumer skipped, and those
+		 * already overwritten that it has not reached yet */
+		q->overwritten_bytes = seen + (over > q->consumer_pos
+						       ? over - q->consumer_pos
+						       : 0);
+		if (over > q->consumer_pos)
+			q->avail_data = q->producer_pos > over
+						? q->producer_pos - over
+						: 0;
+	}
 	q->submitted = q->discarded = q->reserve_failures = q->wakeups = 0;
 	q->abandoned_records = q->abandoned_bytes = 0;
 	if (!r->slots)

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -115,6 +116,7 @@ static int map_ring(struct rc_ring *r, int fd, size_t meta, uint64_t size,
 	r->slots = (struct rc_slot *)(base + 3 * page);
 	r->data = base + meta_len;
 	r->mask = size - 1;
+	r->overwrite = !!(r->ctrl->flags & RC_FLAG_OVERWRITE);
 	return 0;
 }
 
@@ -148,7 +150,8 @@ static void reset_handle(struct rc_ring *r)
 /* The lock and the control page are written once, before any process maps
  * the ring for a role: through a mapping of the producer page alone, and
  * pwrite(). */
-static int init_ring(int fd, uint64_t size, size_t page, size_t meta)
+static int init_ring(int fd, uint64_t size, size_t page, size_t meta,
+		     uint32_t flags)
 {
 	struct rc_prod_page *prod;
 	struct rc_ctrl ctrl;
@@ -170,6 +173,7 @@ static int init_ring(int fd, uint64_t size, size_t page, size_t meta)
 	ctrl.meta_pages = (uint32_t)meta;
 	ctrl.max_slots = RC_MAX_SLOTS;
 	ctrl.creator_pid = (uint32_t)getpid();
+	ctrl.flags = flags;
 	if (pwrite(fd, &ctrl, sizeof(ctrl), 0) != (ssize_t)sizeof(ctrl))
 		return -RC_ESYS;
 	/* Written last, after everything it vouches for: a process that
@@ -179,7 +183,7 @@ static int init_ring(int fd, uint64_t size, size_t page, size_t meta)
 	return 0;
 }
 
-int rc_create(struct rc_ring *r, uint64_t size, int role)
+int rc_create(struct rc_ring *r, uint64_t size, int role, uint32_t flags)
 {
 	size_t page = rc_page_size();
 	size_t meta = meta_pages(page);
@@ -209,7 +213,11 @@ int rc_create(struct rc_ring *r, uint64_t size, int role)
 	r->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (r->event_fd < 0)
 		goto sys_fail;
-	err = init_ring(r->mem_fd, size, page, meta);
+	if (flags & ~RC_FLAG_OVERWRITE) {
+		errno = EINVAL;
+		goto sys_fail;
+	}
+	err = init_ring(r->mem_fd, size, page, meta, flags);
 	if (err)
 		goto fail;
 	err = map_ring(r, r->mem_fd, meta, size, role);
@@ -251,6 +259,7 @@ int rc_attach(struct rc_ring *r, int mem_fd, int event_fd, int role)
 		return -RC_EVERSION;
 	if (ctrl.page_size != page || ctrl.meta_pages != meta_pages(page) ||
 	    ctrl.max_slots != RC_MAX_SLOTS || rc_check_size(ctrl.data_size) ||
+	    (ctrl.flags & ~RC_FLAG_OVERWRITE) ||
 	    (uint64_t)st.st_size != ctrl.meta_pages * page + ctrl.data_size)
 		return -RC_EGEOMETRY;
 
@@ -279,6 +288,7 @@ fail:
 
 void rc_close(struct rc_ring *r)
 {
+	free(r->scratch);
 	if (r->base)
 		munmap(r->base, r->map_len);
 	if (r->mem_fd >= 0)

@@ -22,6 +22,8 @@ static PyStructSequence_Field query_fields[] = {
 	{"wakeups", "eventfd signals producers sent to the consumer"},
 	{"abandoned_records", "busy records of dead producers stepped over"},
 	{"abandoned_bytes", "bytes of those records, headers included"},
+	{"overwrite_pos", "overwrite mode: oldest position still intact"},
+	{"overwritten_bytes", "overwrite mode: bytes overwritten unread"},
 	{NULL, NULL},
 };
 
@@ -29,7 +31,7 @@ static PyStructSequence_Desc query_desc = {
 	"ringcore.RingQuery",
 	"Momentary snapshot of a ring's positions and counters.",
 	query_fields,
-	10,
+	12,
 };
 
 static struct PyModuleDef ringcore_module = {

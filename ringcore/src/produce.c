@@ -199,9 +199,40 @@ static uint64_t advance_pending(struct rc_ring *r, uint64_t prod_pos)
  * give, without touching the consumer's cache line or walking headers on
  * every reservation.
  */
+/*
+ * Overwrite mode (BPF_F_RB_OVERWRITE): the consumer does not bound producers,
+ * only busy records do (checked by the caller); move overwrite_pos over the
+ * oldest records, all committed, until the new one fits. Lock held.
+ */
+static void make_room(struct rc_ring *r, uint64_t new_prod)
+{
+	uint64_t over = atomic_load_explicit(&r->prod->overwrite_pos,
+					     memory_order_relaxed);
+	uint64_t start = over;
+
+	while (new_prod - over > r->mask) {
+		uint32_t len = atomic_load_explicit(&hdr_at(r, over)->len,
+						    memory_order_relaxed);
+
+		over += rc_record_len(len & ~(RC_BUSY_BIT | RC_DISCARD_BIT));
+	}
+	if (over == start)
+		return;
+	/* Published to the consumer by the release store of producer_pos
+	 * that follows. */
+	atomic_store_explicit(&r->prod->overwrite_pos, over,
+			      memory_order_relaxed);
+	/* The space given up is written next (header now, payload after
+	 * the lock is dropped). Seqlock writer's fence: pairs with the
+	 * acquire fence in rc_consume() after it copies a record, so a
+	 * consumer that read any of those new bytes also reads the new
+	 * overwrite_pos, and drops its torn copy. */
+	atomic_thread_fence(memory_order_release);
+}
+
 static bool room_for(struct rc_ring *r, uint64_t prod, uint64_t new_prod)
 {
-	if (new_prod - r->cached_cons > r->mask) {
+	if (!r->overwrite && new_prod - r->cached_cons > r->mask) {
 		/* Pairs with the consumer's store-release of consumer_pos in
 		 * rc_consume(): once we see it past a record, the consumer is
 		 * done reading that record and its space may be reused. */
@@ -213,6 +244,8 @@ static bool room_for(struct rc_ring *r, uint64_t prod, uint64_t new_prod)
 	if (new_prod - r->prod->pending_pos > r->mask &&
 	    new_prod - advance_pending(r, prod) > r->mask)
 		return false;
+	if (r->overwrite)
+		make_room(r, new_prod);
 	return true;
 }
 

@@ -107,15 +107,16 @@ static int claim_consumer(RingObject *self)
 
 static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-	static char *kwlist[] = {"size", "consumer", "abandon_timeout", NULL};
+	static char *kwlist[] = {"size", "consumer", "abandon_timeout",
+				 "overwrite", NULL};
 	unsigned long long size;
-	int consumer = 1;
+	int consumer = 1, overwrite = 0;
 	double abandon = 1.0;
 	RingObject *self;
 	int err;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|$pd:Ring", kwlist, &size,
-					 &consumer, &abandon))
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|$pdp:Ring", kwlist,
+					 &size, &consumer, &abandon, &overwrite))
 		return NULL;
 	if (rc_check_size(size)) {
 		raise_size_error(size);
@@ -125,7 +126,8 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	if (!self)
 		return NULL;
 	err = rc_create(&self->ring, size,
-			consumer ? RC_ROLE_CONSUMER : RC_ROLE_PRODUCER);
+			consumer ? RC_ROLE_CONSUMER : RC_ROLE_PRODUCER,
+			overwrite ? RC_FLAG_OVERWRITE : 0);
 	if (err) {
 		raise_rc_error(err, "cannot create ring");
 		Py_DECREF(self);
@@ -492,6 +494,10 @@ static int consume_into(RingObject *self, PyObject *list, uint64_t max,
 
 	if (c.failed)
 		return -1;
+	if (n == -2) {
+		PyErr_NoMemory();
+		return -1;
+	}
 	if (n < 0) {
 		PyErr_Format(RingCorruptedError,
 			     "corrupt record header at consumer position %llu",
@@ -841,7 +847,7 @@ static PyObject *Ring_ready(RingObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *Ring_query(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
 	struct rc_query q;
-	uint64_t v[10];
+	uint64_t v[12];
 	PyObject *res;
 
 	if (check_open(self))
@@ -857,10 +863,12 @@ static PyObject *Ring_query(RingObject *self, PyObject *Py_UNUSED(ignored))
 	v[7] = q.wakeups;
 	v[8] = q.abandoned_records;
 	v[9] = q.abandoned_bytes;
+	v[10] = q.overwrite_pos;
+	v[11] = q.overwritten_bytes;
 	res = PyStructSequence_New(RingQueryType);
 	if (!res)
 		return NULL;
-	for (int i = 0; i < 10; i++) {
+	for (int i = 0; i < 12; i++) {
 		PyObject *x = PyLong_FromUnsignedLongLong(v[i]);
 
 		if (!x) {
@@ -947,6 +955,13 @@ static PyObject *Ring_get_abandon_timeout(RingObject *self,
 					  void *Py_UNUSED(c))
 {
 	return PyFloat_FromDouble((double)self->ring.abandon_ns * 1e-9);
+}
+
+static PyObject *Ring_get_overwrite(RingObject *self, void *Py_UNUSED(c))
+{
+	if (check_open(self))
+		return NULL;
+	return PyBool_FromLong(self->ring.overwrite);
 }
 
 static PyObject *Ring_get_size(RingObject *self, void *Py_UNUSED(c))
@@ -1069,6 +1084,9 @@ static PyGetSetDef Ring_getset[] = {
 	 "Seconds a busy record of a dead producer may block the consumer "
 	 "before it is stepped over (0: never).", NULL},
 	{"closed", (getter)Ring_get_closed, NULL, "True after close().", NULL},
+	{"overwrite", (getter)Ring_get_overwrite, NULL,
+	 "True for a flight-recorder ring: the newest records overwrite the "
+	 "oldest instead of being refused.", NULL},
 	{"_mem_fd", (getter)Ring_get_mem_fd, NULL, NULL, NULL},
 	{NULL, NULL, NULL, NULL, NULL},
 };
@@ -1080,7 +1098,8 @@ PyTypeObject RingType = {
 	.tp_dealloc = (destructor)Ring_dealloc,
 	.tp_repr = (reprfunc)Ring_repr,
 	.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-	.tp_doc = "Ring(size, *, consumer=True, abandon_timeout=1.0)\n--\n\n"
+	.tp_doc = "Ring(size, *, consumer=True, abandon_timeout=1.0, "
+		  "overwrite=False)\n--\n\n"
 		  "A multi-producer, single-consumer ring buffer in shared "
 		  "memory.",
 	.tp_weaklistoffset = offsetof(RingObject, weakreflist),

@@ -103,6 +103,9 @@ enum {
 
 enum { RC_ROLE_PRODUCER = 0, RC_ROLE_CONSUMER = 1 };
 
+/* rc_ctrl.flags */
+#define RC_FLAG_OVERWRITE 1U /* as BPF_F_RB_OVERWRITE (Linux 6.19) */
+
 #define RC_SLOT_BITS 8
 #define RC_PG_OFF(idx, gen) ((idx) | ((gen) << RC_SLOT_BITS))
 
@@ -135,6 +138,8 @@ struct rc_cons_page {
 	/* busy records of dead producers the consumer stepped over */
 	_Atomic uint64_t abandoned_records;
 	_Atomic uint64_t abandoned_bytes;
+	/* overwrite mode: bytes overwritten before the consumer read them */
+	_Atomic uint64_t overwritten_bytes;
 };
 
 struct rc_prod_page {
@@ -148,6 +153,10 @@ struct rc_prod_page {
 	 * line, which only producers touch. Reserving reads this one: reading
 	 * producer_pos would miss whenever the consumer has just read it. */
 	uint64_t next_pos;
+	/* Overwrite mode only. Written under the lock: the oldest position
+	 * still intact; producers move it over the oldest records to make
+	 * room, and the consumer skips ahead to it. */
+	_Atomic uint64_t overwrite_pos;
 };
 
 struct rc_slot {
@@ -192,6 +201,8 @@ struct rc_ring {
 	uint64_t abandon_ns;
 	uint64_t stall_pos;
 	uint64_t stall_since; /* CLOCK_MONOTONIC ns, 0: not stalled */
+	int overwrite;            /* RC_FLAG_OVERWRITE set in ctrl */
+	unsigned char *scratch;   /* overwrite mode: a record's validated copy */
 };
 
 struct rc_query {
@@ -205,6 +216,8 @@ struct rc_query {
 	uint64_t wakeups;
 	uint64_t abandoned_records;
 	uint64_t abandoned_bytes;
+	uint64_t overwrite_pos;
+	uint64_t overwritten_bytes;
 };
 
 /* --- map.c: creation, attachment, teardown ------------------------------ */
@@ -212,8 +225,8 @@ struct rc_query {
 /* 0 if size is a valid data size, else -RC_EBADSIZE */
 int rc_check_size(uint64_t size);
 size_t rc_page_size(void);
-/* create a ring and map it for `role` */
-int rc_create(struct rc_ring *r, uint64_t size, int role);
+/* create a ring and map it for `role`; flags: RC_FLAG_* */
+int rc_create(struct rc_ring *r, uint64_t size, int role, uint32_t flags);
 /* attach to a ring from its memory fd and event fd (both are dup()ed) */
 int rc_attach(struct rc_ring *r, int mem_fd, int event_fd, int role);
 void rc_close(struct rc_ring *r);
