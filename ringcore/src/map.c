@@ -310,7 +310,8 @@ int rc_claim_consumer(struct rc_ring *r, uint32_t *holder)
 					    memory_order_relaxed);
 
 	for (;;) {
-		if (cur && cur != me && pid_alive(cur)) {
+		/* another handle of this very process counts as live too */
+		if (cur && pid_alive(cur)) {
 			*holder = cur;
 			return -RC_EBUSY;
 		}

@@ -1,0 +1,92 @@
+"""Misuse gets a specific exception whose message names the problem."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+import pytest
+
+import ringcore
+
+
+def test_second_live_consumer_is_refused():
+    with ringcore.Ring(4096) as ring:
+        with pytest.raises(ringcore.ConsumerBusyError, match=f"pid {os.getpid()}"):
+            ringcore.Ring._attach_fds(ring._mem_fd, ring.fileno(), consumer=True)
+        assert isinstance(ringcore.ConsumerBusyError(), ringcore.NotConsumerError)
+
+
+def test_consumer_role_passes_on_after_close_and_resumes():
+    """The consumer position lives in the ring: a new consumer resumes there."""
+    with ringcore.Ring(4096, consumer=False) as keeper:
+        assert not keeper.is_consumer
+        for i in range(5):
+            keeper.output(b"%d" % i)
+        first = ringcore.Ring._attach_fds(keeper._mem_fd, keeper.fileno(), consumer=True)
+        assert first.is_consumer
+        assert first.consume(max_records=2) == [b"0", b"1"]
+        first.close()
+        second = ringcore.Ring._attach_fds(keeper._mem_fd, keeper.fileno(), consumer=True)
+        assert second.consume() == [b"2", b"3", b"4"]
+        second.close()
+
+
+def _attach_consumer_and_die(mem_fd: int, event_fd: int) -> None:
+    ring = ringcore.Ring._attach_fds(mem_fd, event_fd, consumer=True)
+    ring.consume(max_records=1)
+    os._exit(0)  # dies holding the role: no close()
+
+
+def test_consumer_role_is_taken_over_from_a_dead_consumer():
+    with ringcore.Ring(4096, consumer=False) as keeper:
+        keeper.output_many([b"a", b"b"])
+        p = mp.get_context("fork").Process(
+            target=_attach_consumer_and_die, args=(keeper._mem_fd, keeper.fileno())
+        )
+        p.start()
+        p.join(30)
+        assert p.exitcode == 0
+        with ringcore.Ring._attach_fds(keeper._mem_fd, keeper.fileno(), consumer=True) as c:
+            assert c.consume() == [b"b"]
+
+
+def test_producer_handle_cannot_consume():
+    with ringcore.Ring(4096, consumer=False) as keeper:
+        with pytest.raises(ringcore.NotConsumerError, match="needs the consumer"):
+            keeper.consume()
+
+
+def test_writing_past_a_reservation_is_refused():
+    with ringcore.Ring(4096) as ring:
+        res = ring.reserve(4)
+        with memoryview(res) as mv:
+            assert len(mv) == 4
+            with pytest.raises(IndexError):
+                mv[4] = 1
+            with pytest.raises(ValueError):
+                mv[:] = b"12345"
+        res.discard()
+
+
+def test_attach_to_something_that_is_not_a_ring():
+    fd = os.memfd_create("not-a-ring")
+    try:
+        os.ftruncate(fd, 1 << 16)
+        with pytest.raises(ringcore.IncompatibleRingError, match="bad magic"):
+            ringcore.Ring._attach_fds(fd, fd)
+    finally:
+        os.close(fd)
+
+
+def test_unknown_creation_flags_are_not_accepted_on_attach():
+    """A ring of a newer layout (unknown ctrl flags) is refused, not misread."""
+    with ringcore.Ring(4096) as ring:
+        fd = os.dup(ring._mem_fd)
+        try:
+            flags_offset = 36  # struct rc_ctrl: ..., u32 creator_pid, u32 flags
+            os.pwrite(fd, (1 << 7).to_bytes(4, "little"), flags_offset)
+            with pytest.raises(ringcore.IncompatibleRingError, match="does not match"):
+                ringcore.Ring._attach_fds(fd, ring.fileno())
+        finally:
+            os.close(fd)
