@@ -35,14 +35,20 @@ static int count_cb(void *ctx, uint64_t pos, const void *data, uint32_t size)
 	return 0;
 }
 
-static void produce(struct rc_ring *r, uint64_t n)
+/* a forked producer: its own mapping, with the producer's permissions */
+static void produce(struct rc_ring *consumer, uint64_t n)
 {
+	struct rc_ring r;
 	char rec[64];
 
+	if (rc_attach(&r, consumer->mem_fd, consumer->event_fd,
+		      RC_ROLE_PRODUCER)) {
+		perror("rc_attach");
+		_exit(1);
+	}
 	memset(rec, 'r', sizeof(rec));
-	rc_forget_slot(r);
 	for (uint64_t i = 0; i < n;)
-		if (rc_output(r, rec, sizeof(rec), 0) == 0)
+		if (rc_output(&r, rec, sizeof(rec), 0) == 0)
 			i++;
 }
 
@@ -53,7 +59,7 @@ static double run(int producers, uint64_t total, int busy)
 	double start;
 	int i;
 
-	if (rc_create(&r, 1 << 22)) {
+	if (rc_create(&r, 1 << 22, RC_ROLE_CONSUMER, 0)) {
 		perror("rc_create");
 		exit(1);
 	}
@@ -71,7 +77,7 @@ static double run(int producers, uint64_t total, int busy)
 			 * the spinning consumer leaves the producer's lines alone */
 			while (!rc_ready(&r))
 				for (int j = 0; j < 16; j++)
-					__builtin_ia32_pause();
+					rc_cpu_relax();
 			continue;
 		}
 		/* as Ring.poll(): nap 20 us unannounced, then sleep */

@@ -56,6 +56,14 @@ static int abandon_if_dead(struct rc_ring *r, uint64_t cons,
 	return 1;
 }
 
+static void count_abandoned(struct rc_ring *r, uint64_t rec)
+{
+	atomic_fetch_add_explicit(&r->cons->abandoned_records, 1,
+				  memory_order_relaxed);
+	atomic_fetch_add_explicit(&r->cons->abandoned_bytes, rec,
+				  memory_order_relaxed);
+}
+
 /*
  * Overwrite mode: producers may overwrite a record while the consumer reads
  * it, so each record is copied out, then checked seqlock-style against
@@ -99,10 +107,7 @@ static int64_t consume_overwrite(struct rc_ring *r, rc_sample_fn fn, void *ctx,
 			if (!abandon_if_dead(r, cons, hdr))
 				break;
 			rec = rc_record_len(len & ~RC_BUSY_BIT);
-			atomic_fetch_add_explicit(&r->cons->abandoned_records, 1,
-						  memory_order_relaxed);
-			atomic_fetch_add_explicit(&r->cons->abandoned_bytes, rec,
-						  memory_order_relaxed);
+			count_abandoned(r, rec);
 			cons += rec;
 			continue;
 		}
@@ -174,10 +179,7 @@ int64_t rc_consume(struct rc_ring *r, rc_sample_fn fn, void *ctx, uint64_t max)
 				corrupt = 1;
 				break;
 			}
-			atomic_fetch_add_explicit(&r->cons->abandoned_records, 1,
-						  memory_order_relaxed);
-			atomic_fetch_add_explicit(&r->cons->abandoned_bytes, rec,
-						  memory_order_relaxed);
+			count_abandoned(r, rec);
 			cons += rec;
 			continue;
 		}

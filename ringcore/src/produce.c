@@ -15,15 +15,6 @@
 
 #define SPIN_TRIES 128
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-	__builtin_ia32_pause();
-#elif defined(__aarch64__)
-	__asm__ __volatile__("yield" ::: "memory");
-#endif
-}
-
 static inline struct rc_hdr *hdr_at(struct rc_ring *r, uint64_t pos)
 {
 	return (struct rc_hdr *)(r->data + (pos & r->mask));
@@ -60,7 +51,7 @@ static void ring_lock(struct rc_ring *r)
 			return;
 		if (err == EOWNERDEAD)
 			goto owner_died;
-		cpu_relax();
+		rc_cpu_relax();
 	}
 	err = pthread_mutex_lock(lock);
 	if (err != EOWNERDEAD)

@@ -632,15 +632,6 @@ static double now_s(void)
 	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-	__builtin_ia32_pause();
-#elif defined(__aarch64__)
-	__asm__ __volatile__("yield" ::: "memory");
-#endif
-}
-
 /* Spin until a record is ready or `until` (monotonic seconds) passes. The
  * pause between checks keeps the spinning consumer from pulling the
  * producers' cache lines away from them on every iteration. */
@@ -651,7 +642,7 @@ static int spin_until(struct rc_ring *r, double until)
 			if (rc_ready(r))
 				return 1;
 			for (int j = 0; j < 16; j++)
-				cpu_relax();
+				rc_cpu_relax();
 		}
 		if (now_s() >= until)
 			return rc_ready(r);

@@ -220,6 +220,15 @@ struct rc_query {
 	uint64_t overwritten_bytes;
 };
 
+static inline void rc_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
 /* --- map.c: creation, attachment, teardown ------------------------------ */
 
 /* 0 if size is a valid data size, else -RC_EBADSIZE */
