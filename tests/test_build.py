@@ -204,3 +204,24 @@ def test_stress_under_asan_ubsan(tmp_path):
     assert r.returncode == 0, show(r)
     exercised = (tmp_path / "exercised.txt").read_text()
     assert Path(exercised) == ext, f"the test run imported {exercised!r}, not {ext}\n{show(r)}"
+
+
+def test_c_bench_compiles_clean(tmp_path):
+    """bench/c_bench.c uses the core's C API directly: keep it building."""
+    src = ROOT / "ringcore" / "src"
+    cmd = [
+        "gcc",
+        "-std=gnu11",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-o",
+        str(tmp_path / "c_bench"),
+        str(ROOT / "bench" / "c_bench.c"),
+        *(str(src / f) for f in ("map.c", "produce.c", "consume.c")),
+        f"-I{src}",
+        "-lpthread",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr, r.stderr
