@@ -31,6 +31,16 @@ from ringcore._ringcore import (
     RingQuery,
 )
 from ringcore._ringcore import Ring as _CRing
+from ringcore.attach import (
+    AttachError,
+    AttachProtocolError,
+    AttachRefusedError,
+    AttachServer,
+    AttachTimeoutError,
+    RingNotFoundError,
+    attach,
+    serve,
+)
 
 __all__ = [
     "BUSY_BIT",
@@ -40,6 +50,11 @@ __all__ = [
     "MAX_SIZE",
     "NO_WAKEUP",
     "PAGE_SIZE",
+    "AttachError",
+    "AttachProtocolError",
+    "AttachRefusedError",
+    "AttachServer",
+    "AttachTimeoutError",
     "ConsumerBusyError",
     "IncompatibleRingError",
     "NotConsumerError",
@@ -51,6 +66,8 @@ __all__ = [
     "RingError",
     "RingNotFoundError",
     "RingQuery",
+    "attach",
+    "serve",
 ]
 
 # Every open Ring of this process, so a forked child can turn them into

@@ -2,7 +2,7 @@
 
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Final, Self, final
+from typing import Final, Literal, Self, final, overload
 
 from typing_extensions import Buffer
 
@@ -97,8 +97,20 @@ class Ring:
     # the consumer
     def consume(self, max_records: int | None = None) -> list[bytes]: ...
     def consume_with_pos(self, max_records: int | None = None) -> list[tuple[int, bytes]]: ...
+    @overload
     def consume_each(
-        self, callback: Callable[[memoryview], object], max_records: int | None = None
+        self,
+        callback: Callable[[memoryview], object],
+        max_records: int | None = None,
+        with_pos: Literal[False] = False,
+    ) -> int: ...
+    @overload
+    def consume_each(
+        self,
+        callback: Callable[[int, memoryview], object],
+        max_records: int | None = None,
+        *,
+        with_pos: Literal[True],
     ) -> int: ...
     def poll(
         self,

@@ -52,9 +52,11 @@ def test_consumer_role_is_taken_over_from_a_dead_consumer():
 
 
 def test_producer_handle_cannot_consume():
-    with ringcore.Ring(4096, consumer=False) as keeper:
-        with pytest.raises(ringcore.NotConsumerError, match="needs the consumer"):
-            keeper.consume()
+    with (
+        ringcore.Ring(4096, consumer=False) as keeper,
+        pytest.raises(ringcore.NotConsumerError, match="needs the consumer"),
+    ):
+        keeper.consume()
 
 
 def test_writing_past_a_reservation_is_refused():
@@ -90,3 +92,33 @@ def test_unknown_creation_flags_are_not_accepted_on_attach():
                 ringcore.Ring._attach_fds(fd, ring.fileno())
         finally:
             os.close(fd)
+
+
+def test_zombie_consumer_does_not_hold_the_role():
+    """A consumer that died but is not reaped yet (a zombie) is dead."""
+    with ringcore.Ring(4096, consumer=False) as keeper:
+        keeper.output(b"x")
+        pid = os.fork()
+        if pid == 0:
+            ringcore.Ring._attach_fds(keeper._mem_fd, keeper.fileno(), consumer=True)
+            os._exit(0)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # dead, still a zombie
+        try:
+            with ringcore.Ring._attach_fds(keeper._mem_fd, keeper.fileno(), consumer=True) as c:
+                assert c.consume() == [b"x"]
+        finally:
+            os.waitpid(pid, 0)
+
+
+def test_consume_each_with_positions():
+    with ringcore.Ring(4096) as ring:
+        positions: list[int] = []
+        for data in (b"a", b"bb", b"ccc"):
+            res = ring.reserve(len(data))
+            positions.append(res.position)
+            with memoryview(res) as mv:
+                mv[:] = data
+            res.submit()
+        seen: list[tuple[int, bytes]] = []
+        assert ring.consume_each(lambda pos, mv: seen.append((pos, bytes(mv))), with_pos=True) == 3
+        assert seen == list(zip(positions, [b"a", b"bb", b"ccc"], strict=True))

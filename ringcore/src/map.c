@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -298,9 +299,30 @@ void rc_close(struct rc_ring *r)
 	reset_handle(r);
 }
 
-static int pid_alive(uint32_t pid)
+int rc_pid_alive(uint32_t pid)
 {
-	return kill((pid_t)pid, 0) == 0 || errno != ESRCH;
+	char path[32], buf[256], *p;
+	ssize_t n;
+	int fd;
+
+	if (kill((pid_t)pid, 0) != 0 && errno == ESRCH)
+		return 0;
+	/* kill() also succeeds on a zombie: a process that died but whose
+	 * parent has not reaped it yet. Its state is the field after the
+	 * command name in /proc/PID/stat. */
+	snprintf(path, sizeof(path), "/proc/%u/stat", pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno != ENOENT;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 1;
+	buf[n] = 0;
+	p = strrchr(buf, ')');
+	if (p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X'))
+		return 0;
+	return 1;
 }
 
 int rc_claim_consumer(struct rc_ring *r, uint32_t *holder)
@@ -311,7 +333,7 @@ int rc_claim_consumer(struct rc_ring *r, uint32_t *holder)
 
 	for (;;) {
 		/* another handle of this very process counts as live too */
-		if (cur && pid_alive(cur)) {
+		if (cur && rc_pid_alive(cur)) {
 			*holder = cur;
 			return -RC_EBUSY;
 		}

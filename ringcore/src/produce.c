@@ -67,7 +67,7 @@ static inline void ring_unlock(struct rc_ring *r)
 
 static bool pid_is_dead(uint32_t pid)
 {
-	return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+	return !rc_pid_alive(pid);
 }
 
 static bool claim(struct rc_slot *s, uint32_t expected, uint32_t pid)

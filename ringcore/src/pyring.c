@@ -545,11 +545,11 @@ struct each_ctx {
 	RingObject *ring;
 	PyObject *callback;
 	RecordViewObject *view;
+	int with_pos;
 	int failed;
 };
 
-static int call_each(void *ctx, uint64_t Py_UNUSED(pos), const void *data,
-		     uint32_t size)
+static int call_each(void *ctx, uint64_t pos, const void *data, uint32_t size)
 {
 	struct each_ctx *c = ctx;
 	PyObject *mv, *res;
@@ -559,7 +559,15 @@ static int call_each(void *ctx, uint64_t Py_UNUSED(pos), const void *data,
 	mv = PyMemoryView_FromObject((PyObject *)c->view);
 	if (!mv)
 		goto fail;
-	res = PyObject_CallOneArg(c->callback, mv);
+	if (c->with_pos) {
+		PyObject *args[2] = {PyLong_FromUnsignedLongLong(pos), mv};
+
+		res = args[0] ? PyObject_Vectorcall(c->callback, args, 2, NULL)
+			      : NULL;
+		Py_XDECREF(args[0]);
+	} else {
+		res = PyObject_CallOneArg(c->callback, mv);
+	}
 	if (Py_REFCNT(mv) > 1) {
 		/* The callback kept its view: release it, keeping the
 		 * callback's own exception (if any) as the one reported. */
@@ -592,14 +600,17 @@ fail:
 static PyObject *Ring_consume_each(RingObject *self, PyObject *const *args,
 				   Py_ssize_t nargs, PyObject *kwnames)
 {
-	static const char *const names[] = {"callback", "max_records", NULL};
-	PyObject *a[2];
-	struct each_ctx c = {self, NULL, NULL, 0};
+	static const char *const names[] = {"callback", "max_records",
+					    "with_pos", NULL};
+	PyObject *a[3];
+	struct each_ctx c = {self, NULL, NULL, 0, 0};
 	uint64_t max;
 	int64_t n;
 
 	if (fast_args("consume_each", args, nargs, kwnames, names, 1, a) ||
 	    parse_max(a[1], &max) || check_consumer(self, "consume_each"))
+		return NULL;
+	if (a[2] && (c.with_pos = PyObject_IsTrue(a[2])) < 0)
 		return NULL;
 	if (!PyCallable_Check(a[0])) {
 		PyErr_SetString(PyExc_TypeError,
@@ -1015,8 +1026,10 @@ static PyMethodDef Ring_methods[] = {
 	 "(position, bytes): the position is the record's resumable id."},
 	{"consume_each", FASTCALL_KW(Ring_consume_each),
 	 METH_FASTCALL | METH_KEYWORDS,
-	 "consume_each(callback, max_records=None)\n--\n\nCall callback with "
-	 "a read-only memoryview of each record, valid only during the call. "
+	 "consume_each(callback, max_records=None, with_pos=False)\n--\n\n"
+	 "Call callback with a read-only memoryview of each record, valid only "
+	 "during the call (with_pos: callback(position, view)). The consumer "
+	 "position moves past a record only after its callback returned. "
 	 "Returns the number of records."},
 	{"poll", FASTCALL_KW(Ring_poll), METH_FASTCALL | METH_KEYWORDS,
 	 "poll(timeout=None, max_records=None, busy_poll=False, coalesce=None)\n"

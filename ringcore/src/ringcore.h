@@ -243,6 +243,9 @@ void rc_close(struct rc_ring *r);
  * holds it (*holder tells which) */
 int rc_claim_consumer(struct rc_ring *r, uint32_t *holder);
 void rc_release_consumer(struct rc_ring *r);
+/* 0 only if process pid is certainly gone: no such process, or a zombie
+ * (dead, not yet reaped by its parent) */
+int rc_pid_alive(uint32_t pid);
 const char *rc_strerror(int err);
 
 /* --- produce.c: reserve, commit, output ---------------------------------- */
