@@ -18,6 +18,8 @@ SOURCES = [
     "ringcore/src/pyrecordview.c",
     "ringcore/src/pyring.c",
     "ringcore/src/module.c",
+    "ringcore/src/kernel.c",
+    "ringcore/src/pykernelring.c",
 ]
 
 flags = ["-std=gnu11", "-O2", "-Wall", "-Wextra"]
@@ -29,7 +31,11 @@ setup(
         Extension(
             "ringcore._ringcore",
             sources=SOURCES,
-            depends=["ringcore/src/ringcore.h", "ringcore/src/pyringcore.h"],
+            depends=[
+                "ringcore/src/ringcore.h",
+                "ringcore/src/pyringcore.h",
+                "ringcore/src/kernelring.h",
+            ],
             extra_compile_args=flags,
         )
     ]

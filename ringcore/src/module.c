@@ -11,6 +11,9 @@ PyObject *ConsumerBusyError;
 PyObject *IncompatibleRingError;
 PyTypeObject *RingQueryType;
 
+/* pykernelring.c: readies and adds KernelRing and KernelRingQuery */
+int kernelring_add_types(PyObject *m);
+
 static PyStructSequence_Field query_fields[] = {
 	{"avail_data", "bytes reserved and not yet consumed (BPF_RB_AVAIL_DATA)"},
 	{"ring_size", "size of the data area in bytes (BPF_RB_RING_SIZE)"},
@@ -68,6 +71,8 @@ PyMODINIT_FUNC PyInit__ringcore(void)
 		goto fail;
 	if (PyModule_AddType(m, &RingType) || PyModule_AddType(m, &ReservationType) ||
 	    PyModule_AddType(m, RingQueryType))
+		goto fail;
+	if (kernelring_add_types(m))
 		goto fail;
 	RingError = new_error(m, "RingError", PyExc_Exception,
 			      "Base class of ringcore's errors.");
