@@ -16,6 +16,7 @@ SOURCES = [
     "ringcore/src/args.c",
     "ringcore/src/pyreservation.c",
     "ringcore/src/pyrecordview.c",
+    "ringcore/src/pyconsume.c",
     "ringcore/src/pyring.c",
     "ringcore/src/module.c",
     "ringcore/src/kernel.c",

@@ -245,67 +245,15 @@ static PyObject *KernelRing_exit(KernelRingObject *self,
 
 /* --- consuming ----------------------------------------------------------- */
 
-static int parse_max_records(PyObject *obj, uint64_t *max)
-{
-	long long v;
-
-	*max = 0;
-	if (!obj || obj == Py_None)
-		return 0;
-	v = PyLong_AsLongLong(obj);
-	if (v == -1 && PyErr_Occurred())
-		return -1;
-	if (v <= 0) {
-		PyErr_Format(PyExc_ValueError,
-			     "max_records must be a positive int or None, not %lld",
-			     v);
-		return -1;
-	}
-	*max = (uint64_t)v;
-	return 0;
-}
-
-struct collect_ctx {
-	PyObject *list;
-	int with_pos;
-	int failed;
-};
-
-static int collect(void *ctx, uint64_t pos, const void *data, uint32_t size)
-{
-	struct collect_ctx *c = ctx;
-	PyObject *item = PyBytes_FromStringAndSize(data, size);
-
-	if (item && c->with_pos)
-		item = Py_BuildValue("(KN)", (unsigned long long)pos, item);
-	if (!item || PyList_Append(c->list, item)) {
-		Py_XDECREF(item);
-		c->failed = 1;
-		return 1;
-	}
-	Py_DECREF(item);
-	return 0;
-}
-
 static int consume_into(KernelRingObject *self, PyObject *list, uint64_t max,
 			int with_pos)
 {
-	struct collect_ctx c = {list, with_pos, 0};
-	int64_t n;
+	int err;
 
 	self->consuming = 1;
-	n = rc_consume(&self->ring, collect, &c, max);
+	err = consume_list(&self->ring, list, max, with_pos);
 	self->consuming = 0;
-	if (c.failed)
-		return -1;
-	if (n < 0) {
-		PyErr_Format(RingCorruptedError,
-			     "corrupt record header at consumer position %llu",
-			     (unsigned long long)atomic_load(
-				     &self->ring.cons->consumer_pos));
-		return -1;
-	}
-	return 0;
+	return err;
 }
 
 static PyObject *consume_common(KernelRingObject *self, PyObject *const *args,
@@ -317,7 +265,7 @@ static PyObject *consume_common(KernelRingObject *self, PyObject *const *args,
 	uint64_t max;
 
 	if (fast_args(fname, args, nargs, kwnames, names, 0, &max_obj) ||
-	    parse_max_records(max_obj, &max) || check_consumer(self, fname))
+	    parse_max(max_obj, &max) || check_consumer(self, fname))
 		return NULL;
 	list = PyList_New(0);
 	if (list && consume_into(self, list, max, with_pos))
@@ -339,30 +287,6 @@ static PyObject *KernelRing_consume_with_pos(KernelRingObject *self,
 	return consume_common(self, args, nargs, kwnames, "consume_with_pos", 1);
 }
 
-static double now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static int parse_timeout(PyObject *obj, double *out)
-{
-	if (!obj || obj == Py_None) {
-		*out = -1;
-		return 0;
-	}
-	*out = PyFloat_AsDouble(obj);
-	if (*out == -1 && PyErr_Occurred())
-		return -1;
-	if (*out < 0) {
-		PyErr_SetString(PyExc_ValueError, "timeout must be >= 0 or None");
-		return -1;
-	}
-	return 0;
-}
-
 /*
  * As ring_buffer__poll(): epoll on the map fd, level-triggered, so it
  * reports readable while the kernel's producer_pos is ahead of consumer_pos.
@@ -378,7 +302,7 @@ static PyObject *KernelRing_poll(KernelRingObject *self, PyObject *const *args,
 	uint64_t max;
 
 	if (fast_args("poll", args, nargs, kwnames, names, 0, a) ||
-	    parse_timeout(a[0], &timeout) || parse_max_records(a[1], &max) ||
+	    parse_seconds(a[0], "timeout", &timeout) || parse_max(a[1], &max) ||
 	    check_consumer(self, "poll"))
 		return NULL;
 	list = PyList_New(0);

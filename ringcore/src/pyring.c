@@ -444,68 +444,10 @@ static PyObject *Ring_reserve(RingObject *self, PyObject *const *args,
 
 /* --- consuming ----------------------------------------------------------- */
 
-static int64_t parse_max(PyObject *obj, uint64_t *max)
-{
-	long long v;
-
-	*max = 0;
-	if (!obj || obj == Py_None)
-		return 0;
-	v = PyLong_AsLongLong(obj);
-	if (v == -1 && PyErr_Occurred())
-		return -1;
-	if (v <= 0) {
-		PyErr_Format(PyExc_ValueError,
-			     "max_records must be a positive int or None, not %lld",
-			     v);
-		return -1;
-	}
-	*max = (uint64_t)v;
-	return 0;
-}
-
-struct collect_ctx {
-	PyObject *list;
-	int with_pos;
-	int failed;
-};
-
-static int collect(void *ctx, uint64_t pos, const void *data, uint32_t size)
-{
-	struct collect_ctx *c = ctx;
-	PyObject *item = PyBytes_FromStringAndSize(data, size);
-
-	if (item && c->with_pos)
-		item = Py_BuildValue("(KN)", (unsigned long long)pos, item);
-	if (!item || PyList_Append(c->list, item)) {
-		Py_XDECREF(item);
-		c->failed = 1;
-		return 1;
-	}
-	Py_DECREF(item);
-	return 0;
-}
-
 static int consume_into(RingObject *self, PyObject *list, uint64_t max,
 			int with_pos)
 {
-	struct collect_ctx c = {list, with_pos, 0};
-	int64_t n = rc_consume(&self->ring, collect, &c, max);
-
-	if (c.failed)
-		return -1;
-	if (n == -2) {
-		PyErr_NoMemory();
-		return -1;
-	}
-	if (n < 0) {
-		PyErr_Format(RingCorruptedError,
-			     "corrupt record header at consumer position %llu",
-			     (unsigned long long)atomic_load(
-				     &self->ring.cons->consumer_pos));
-		return -1;
-	}
-	return 0;
+	return consume_list(&self->ring, list, max, with_pos);
 }
 
 static PyObject *Ring_consume(RingObject *self, PyObject *const *args,
@@ -635,14 +577,6 @@ static PyObject *Ring_consume_each(RingObject *self, PyObject *const *args,
 	return PyLong_FromLongLong(n);
 }
 
-static double now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 /* Spin until a record is ready or `until` (monotonic seconds) passes. The
  * pause between checks keeps the spinning consumer from pulling the
  * producers' cache lines away from them on every iteration. */
@@ -660,10 +594,6 @@ static int spin_until(struct rc_ring *r, double until)
 	}
 }
 
-/*
- * Wait until a record is ready, at most `timeout` seconds (< 0: forever).
- * Returns 1 when ready, 0 on timeout, -1 with an exception set.
- */
 static void nap(double seconds)
 {
 	struct timespec ts;
@@ -757,22 +687,6 @@ static int wait_ready(RingObject *self, double deadline, int busy_poll,
 		/* woken for a later record while an earlier one is still
 		 * busy (or by FORCE_WAKEUP): sleep again */
 	}
-}
-
-static int parse_seconds(PyObject *obj, const char *name, double *out)
-{
-	if (!obj || obj == Py_None) {
-		*out = -1;
-		return 0;
-	}
-	*out = PyFloat_AsDouble(obj);
-	if (*out == -1 && PyErr_Occurred())
-		return -1;
-	if (*out < 0) {
-		PyErr_Format(PyExc_ValueError, "%s must be >= 0 or None", name);
-		return -1;
-	}
-	return 0;
 }
 
 /* 20 us: nanosleep's timer slack makes it 50-70 us in practice, far below

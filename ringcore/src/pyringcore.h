@@ -84,4 +84,12 @@ int fast_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
 	      PyObject **out);
 int parse_flags(PyObject *obj, unsigned *flags);
 
+/* pyconsume.c: shared by Ring and KernelRing */
+double now_s(void);
+int parse_max(PyObject *obj, uint64_t *max);
+/* seconds >= 0, or -1 for None/absent */
+int parse_seconds(PyObject *obj, const char *name, double *out);
+/* drain r into list (bytes, or (position, bytes) pairs) */
+int consume_list(struct rc_ring *r, PyObject *list, uint64_t max, int with_pos);
+
 #endif /* PYRINGCORE_H */
