@@ -122,3 +122,19 @@ def test_consume_each_with_positions():
         seen: list[tuple[int, bytes]] = []
         assert ring.consume_each(lambda pos, mv: seen.append((pos, bytes(mv))), with_pos=True) == 3
         assert seen == list(zip(positions, [b"a", b"bb", b"ccc"], strict=True))
+
+
+def test_records_before_a_corrupt_header_are_handed_out():
+    """Nothing already accepted is lost to a corruption that follows it."""
+    with ringcore.Ring(4096) as ring:
+        ring.output_many([b"good", b"next"])
+        fd = os.dup(ring._mem_fd)
+        try:
+            meta_pages = int.from_bytes(os.pread(fd, 4, 24), "little")  # struct rc_ctrl
+            data = meta_pages * ringcore.PAGE_SIZE
+            os.pwrite(fd, (0x3FFFFFF0).to_bytes(4, "little"), data + 16)  # 2nd header
+        finally:
+            os.close(fd)
+        assert ring.consume() == [b"good"]
+        with pytest.raises(ringcore.RingCorruptedError, match="position 16"):
+            ring.consume()

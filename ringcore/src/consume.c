@@ -17,6 +17,18 @@ static inline struct rc_hdr *hdr_at(struct rc_ring *r, uint64_t pos)
 	return (struct rc_hdr *)(r->data + (pos & r->mask));
 }
 
+/*
+ * Every process that maps the ring can write some of its pages, so the
+ * positions and headers read here are untrusted. Positions are 8-aligned and
+ * the consumer is never more than one ring behind the producer (outside
+ * overwrite mode); a record is never longer than the ring. Whatever breaks
+ * that is reported as corruption instead of being walked.
+ */
+static int span_ok(struct rc_ring *r, uint64_t from, uint64_t to)
+{
+	return !((from | to) & 7) && from <= to && to - from <= r->mask + 1;
+}
+
 static uint64_t mono_ns(void)
 {
 	struct timespec ts;
@@ -94,6 +106,10 @@ static int64_t consume_overwrite(struct rc_ring *r, rc_sample_fn fn, void *ctx,
 		/* stored before the producer_pos we acquired */
 		over = atomic_load_explicit(&r->prod->overwrite_pos,
 					    memory_order_acquire);
+		if ((over & 7) || (cons & 7) || over > prod + r->mask + 1) {
+			corrupt = 1;
+			break;
+		}
 		if (cons < over) {
 			atomic_fetch_add_explicit(&r->cons->overwritten_bytes,
 						  over - cons,
@@ -101,18 +117,30 @@ static int64_t consume_overwrite(struct rc_ring *r, rc_sample_fn fn, void *ctx,
 			cons = over;
 			continue;
 		}
+		if (prod - cons > r->mask + 1) {
+			/* a producer can be at most a ring ahead of the
+			 * oldest intact record */
+			corrupt = 1;
+			break;
+		}
 		/* as in rc_consume() */
 		len = atomic_load_explicit(&hdr->len, memory_order_acquire);
 		if (len & RC_BUSY_BIT) {
 			if (!abandon_if_dead(r, cons, hdr))
 				break;
 			rec = rc_record_len(len & ~RC_BUSY_BIT);
+			if (rec > prod - cons) {
+				corrupt = 1;
+				break;
+			}
 			count_abandoned(r, rec);
 			cons += rec;
 			continue;
 		}
 		size = len & ~RC_DISCARD_BIT;
 		rec = rc_record_len(size);
+		/* never copy more than the record's share of the ring: the
+		 * scratch buffer is one ring long */
 		if (rec <= prod - cons)
 			memcpy(r->scratch, (unsigned char *)hdr + RC_HDR_SZ,
 			       size);
@@ -161,6 +189,8 @@ int64_t rc_consume(struct rc_ring *r, rc_sample_fn fn, void *ctx, uint64_t max)
 	 * busy headers of all records up to prod are visible. */
 	prod = atomic_load_explicit(&r->prod->producer_pos,
 				    memory_order_acquire);
+	if (!span_ok(r, cons, prod))
+		return -1;
 	while (cons < prod) {
 		struct rc_hdr *hdr = hdr_at(r, cons);
 		/* Pairs with the store-release in commit(): once BUSY reads
@@ -221,15 +251,23 @@ int rc_ready(struct rc_ring *r)
 	uint64_t prod = atomic_load_explicit(&r->prod->producer_pos,
 					     memory_order_acquire);
 
+	/* Corrupt positions (see span_ok()) read as "ready", so that the
+	 * consume call that follows reports them. */
+	if ((cons | prod) & 7)
+		return 1;
 	if (r->overwrite) {
 		uint64_t over = atomic_load_explicit(&r->prod->overwrite_pos,
 						     memory_order_acquire);
 
+		if (over & 7)
+			return 1;
 		if (over > cons)
 			cons = over;
 	}
 	if (cons >= prod)
 		return 0;
+	if (!r->overwrite && !span_ok(r, cons, prod))
+		return 1;
 	/* as in rc_consume() */
 	return !(atomic_load_explicit(&hdr_at(r, cons)->len,
 				      memory_order_acquire) &
@@ -247,6 +285,8 @@ uint64_t rc_stall_recheck_ns(struct rc_ring *r)
 	/* as in rc_consume() */
 	prod = atomic_load_explicit(&r->prod->producer_pos,
 				    memory_order_acquire);
+	if ((cons | prod) & 7)
+		return 0; /* corrupt: rc_consume() reports it */
 	if (cons >= prod || !(atomic_load_explicit(&hdr_at(r, cons)->len,
 						   memory_order_acquire) &
 			      RC_BUSY_BIT))

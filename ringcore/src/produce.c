@@ -155,6 +155,18 @@ static uint64_t advance_pending(struct rc_ring *r, uint64_t prod_pos)
 {
 	uint64_t pend = r->prod->pending_pos;
 
+	/* Untrusted memory (see span_ok() in consume.c): a pending_pos that
+	 * cannot be right is not walked from. The consumer position is a
+	 * record boundary with nothing busy behind it: restart there, or
+	 * leave pend as it is and let the room check refuse. */
+	if ((pend & 7) || pend > prod_pos || prod_pos - pend > r->mask + 1) {
+		r->cached_cons = atomic_load_explicit(&r->cons->consumer_pos,
+						      memory_order_acquire);
+		if ((r->cached_cons & 7) || r->cached_cons > prod_pos ||
+		    prod_pos - r->cached_cons > r->mask + 1)
+			return pend;
+		pend = r->cached_cons;
+	}
 	while (pend < prod_pos) {
 		/* Relaxed: only the length is used here, to step over the
 		 * record; the payload is never read. */
@@ -195,17 +207,29 @@ static uint64_t advance_pending(struct rc_ring *r, uint64_t prod_pos)
  * only busy records do (checked by the caller); move overwrite_pos over the
  * oldest records, all committed, until the new one fits. Lock held.
  */
-static void make_room(struct rc_ring *r, uint64_t new_prod)
+static void make_room(struct rc_ring *r, uint64_t new_prod, uint64_t pend)
 {
 	uint64_t over = atomic_load_explicit(&r->prod->overwrite_pos,
 					     memory_order_relaxed);
 	uint64_t start = over;
 
+	/* Untrusted memory: an overwrite_pos that cannot be right, or a
+	 * length that steps past the oldest busy record, ends the walk at
+	 * pend, which the caller checked leaves room and which is a record
+	 * boundary. Everything before it counts as overwritten. */
+	if ((over & 7) || over > pend || new_prod - over > 2 * (r->mask + 1))
+		over = pend;
 	while (new_prod - over > r->mask) {
 		uint32_t len = atomic_load_explicit(&hdr_at(r, over)->len,
 						    memory_order_relaxed);
+		uint64_t rec = rc_record_len(len & ~(RC_BUSY_BIT |
+						     RC_DISCARD_BIT));
 
-		over += rc_record_len(len & ~(RC_BUSY_BIT | RC_DISCARD_BIT));
+		if (rec > pend - over) {
+			over = pend;
+			break;
+		}
+		over += rec;
 	}
 	if (over == start)
 		return;
@@ -232,12 +256,39 @@ static bool room_for(struct rc_ring *r, uint64_t prod, uint64_t new_prod)
 		if (new_prod - r->cached_cons > r->mask)
 			return false;
 	}
+	if (r->overwrite) {
+		/* make_room() is bounded by the oldest busy record: it must
+		 * be current, not the lazily kept value */
+		uint64_t pend = advance_pending(r, prod);
+
+		if (new_prod - pend > r->mask)
+			return false;
+		make_room(r, new_prod, pend);
+		return true;
+	}
 	if (new_prod - r->prod->pending_pos > r->mask &&
 	    new_prod - advance_pending(r, prod) > r->mask)
 		return false;
-	if (r->overwrite)
-		make_room(r, new_prod);
 	return true;
+}
+
+static inline bool aligned(uint64_t pos)
+{
+	return !(pos & 7);
+}
+
+/* Where the next record goes. next_pos is untrusted memory like the rest:
+ * a value that is not a record boundary falls back to the published
+ * producer_pos, and if that is no better the reservation is refused
+ * (the caller checks aligned()) rather than writing a misaligned header. */
+static inline uint64_t reserve_start(struct rc_ring *r)
+{
+	uint64_t prod = r->prod->next_pos;
+
+	if (aligned(prod))
+		return prod;
+	return atomic_load_explicit(&r->prod->producer_pos,
+				    memory_order_relaxed);
 }
 
 static inline void write_busy_hdr(struct rc_ring *r, uint64_t pos,
@@ -261,8 +312,8 @@ void *rc_reserve(struct rc_ring *r, uint32_t size, uint64_t *pos)
 	uint64_t prod;
 
 	ring_lock(r);
-	prod = r->prod->next_pos;
-	if (!room_for(r, prod, prod + len)) {
+	prod = reserve_start(r);
+	if (!aligned(prod) || !room_for(r, prod, prod + len)) {
 		ring_unlock(r);
 		atomic_fetch_add_explicit(&slot->reserve_failures, 1,
 					  memory_order_relaxed);
@@ -290,7 +341,7 @@ size_t rc_reserve_batch(struct rc_ring *r, const uint32_t *sizes, size_t n,
 	if (n == 0)
 		return 0;
 	ring_lock(r);
-	prod = r->prod->next_pos;
+	prod = reserve_start(r);
 	pos = prod;
 	if (first_pos)
 		*first_pos = prod;
@@ -299,7 +350,7 @@ size_t rc_reserve_batch(struct rc_ring *r, const uint32_t *sizes, size_t n,
 
 		/* pending_pos is walked from the batch start: the records
 		 * of this batch are busy, it cannot pass them anyway */
-		if (!room_for(r, prod, pos + len))
+		if (!aligned(prod) || !room_for(r, prod, pos + len))
 			break;
 		write_busy_hdr(r, pos, sizes[i]);
 		out[i] = (unsigned char *)hdr_at(r, pos) + RC_HDR_SZ;

@@ -84,9 +84,15 @@ int consume_list(struct rc_ring *r, PyObject *list, uint64_t max, int with_pos)
 		PyErr_NoMemory();
 		return -1;
 	}
+	/* Records taken before the corrupt one are handed out; the consumer
+	 * position stays at the corrupt record, so the next call reports it.
+	 * Nothing already accepted is lost to the exception. */
+	if (n == -1 && PyList_GET_SIZE(list) > 0)
+		return 0;
 	if (n < 0) {
 		PyErr_Format(RingCorruptedError,
-			     "corrupt record header at consumer position %llu",
+			     "corrupt record header or positions at consumer "
+			     "position %llu",
 			     (unsigned long long)atomic_load(
 				     &r->cons->consumer_pos));
 		return -1;

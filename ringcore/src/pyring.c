@@ -569,9 +569,14 @@ static PyObject *Ring_consume_each(RingObject *self, PyObject *const *args,
 	Py_DECREF(c.view);
 	if (c.failed)
 		return NULL;
+	if (n == -2)
+		return PyErr_NoMemory();
 	if (n < 0) {
-		PyErr_SetString(RingCorruptedError,
-				"corrupt record header at consumer position");
+		PyErr_Format(RingCorruptedError,
+			     "corrupt record header or positions at consumer "
+			     "position %llu",
+			     (unsigned long long)atomic_load(
+				     &self->ring.cons->consumer_pos));
 		return NULL;
 	}
 	return PyLong_FromLongLong(n);
