@@ -68,12 +68,24 @@ static int abandon_if_dead(struct rc_ring *r, uint64_t cons,
 	return 1;
 }
 
-static void count_abandoned(struct rc_ring *r, uint64_t rec)
+/* The record at *cons is busy: step over it if its producer is dead (1),
+ * wait for it (0), or report a length that cannot be right (-1). */
+static int step_over_dead(struct rc_ring *r, uint64_t *cons, uint64_t prod,
+			  struct rc_hdr *hdr, uint32_t len)
 {
+	uint64_t rec;
+
+	if (!abandon_if_dead(r, *cons, hdr))
+		return 0;
+	rec = rc_record_len(len & ~RC_BUSY_BIT);
+	if (rec > prod - *cons)
+		return -1;
 	atomic_fetch_add_explicit(&r->cons->abandoned_records, 1,
 				  memory_order_relaxed);
 	atomic_fetch_add_explicit(&r->cons->abandoned_bytes, rec,
 				  memory_order_relaxed);
+	*cons += rec;
+	return 1;
 }
 
 /*
@@ -126,15 +138,12 @@ static int64_t consume_overwrite(struct rc_ring *r, rc_sample_fn fn, void *ctx,
 		/* as in rc_consume() */
 		len = atomic_load_explicit(&hdr->len, memory_order_acquire);
 		if (len & RC_BUSY_BIT) {
-			if (!abandon_if_dead(r, cons, hdr))
-				break;
-			rec = rc_record_len(len & ~RC_BUSY_BIT);
-			if (rec > prod - cons) {
+			int step = step_over_dead(r, &cons, prod, hdr, len);
+
+			if (step < 0)
 				corrupt = 1;
+			if (step <= 0)
 				break;
-			}
-			count_abandoned(r, rec);
-			cons += rec;
 			continue;
 		}
 		size = len & ~RC_DISCARD_BIT;
@@ -202,15 +211,12 @@ int64_t rc_consume(struct rc_ring *r, rc_sample_fn fn, void *ctx, uint64_t max)
 		int stop = 0;
 
 		if (len & RC_BUSY_BIT) {
-			if (!abandon_if_dead(r, cons, hdr))
-				break;
-			rec = rc_record_len(len & ~RC_BUSY_BIT);
-			if (rec > prod - cons) {
+			int step = step_over_dead(r, &cons, prod, hdr, len);
+
+			if (step < 0)
 				corrupt = 1;
+			if (step <= 0)
 				break;
-			}
-			count_abandoned(r, rec);
-			cons += rec;
 			continue;
 		}
 		size = len & ~RC_DISCARD_BIT;
