@@ -88,7 +88,10 @@ class Ring(_CRing):
     later). ``abandon_timeout`` is how long a busy record of a dead producer
     may block the consumer before it is stepped over. ``overwrite=True``
     makes a flight recorder (BPF_F_RB_OVERWRITE): reservations never fail
-    for lack of room, the newest records overwrite the oldest.
+    for lack of room, the newest records overwrite the oldest. ``shm_dir``
+    puts the ring's memory in an unnamed file in that directory (a tmpfs such
+    as /dev/shm, whose size limit then applies: OSError ENOSPC naming the
+    directory when the ring does not fit) instead of an anonymous memfd.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class Ring(_CRing):
         consumer: bool = True,
         abandon_timeout: float = 1.0,
         overwrite: bool = False,
+        shm_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         _live_rings.add(self)
 

@@ -836,3 +836,50 @@ def test_query_counts_across_processes(ring):
     q = ring.query()
     assert q.avail_data == 0
     assert q.consumer_pos == q.producer_pos
+
+
+def test_stall_recheck_says_when_a_busy_record_blocks_the_consumer():
+    ring = Ring(PAGE_SIZE, abandon_timeout=0.5)
+    assert ring.stall_recheck() == 0.0
+    res = ring.reserve(8)
+    assert ring.output(b"later")  # committed, but behind the busy record
+    assert ring.consume() == []
+    assert 0.0 < ring.stall_recheck() <= 0.5
+    res.submit()
+    assert ring.stall_recheck() == 0.0
+    assert ring.consume() == [bytes(8), b"later"]
+
+
+def test_shm_dir_places_the_ring_in_that_file_system(tmp_path):
+    ring = Ring(1 << 16, shm_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # unnamed: nothing to open by path
+    assert ring.output(b"in tmp")
+    assert ring.consume() == [b"in tmp"]
+    with pytest.raises(FileNotFoundError) as err:
+        Ring(1 << 16, shm_dir=tmp_path / "missing")
+    assert err.value.filename == str(tmp_path / "missing")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs, standing in for docker's default-sized /dev/shm."""
+    import subprocess
+
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    # lazy: a ring still open in this process keeps the mount busy
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_ring_that_does_not_fit_its_shm_dir_fails_at_creation(small_tmpfs):
+    import errno
+
+    with pytest.raises(OSError) as err:
+        Ring(4 << 20, shm_dir=small_tmpfs)
+    assert err.value.errno == errno.ENOSPC
+    assert err.value.filename == str(small_tmpfs)
+    with Ring(1 << 16, shm_dir=small_tmpfs) as ring:  # one that fits is fine
+        assert ring.output(b"fits")

@@ -184,7 +184,43 @@ static int init_ring(int fd, uint64_t size, size_t page, size_t meta,
 	return 0;
 }
 
+/* The file that holds the ring. With no directory: an anonymous memfd,
+ * charged to the memory cgroup. With one (a tmpfs such as /dev/shm): an
+ * unnamed O_TMPFILE there, so the ring counts against that file system's
+ * size, which is what docker's --shm-size and a Kubernetes memory-backed
+ * emptyDir limit; posix_fallocate() below then fails with ENOSPC when the
+ * ring does not fit. Either way the file has no name another process could
+ * open: it is shared only as a descriptor. */
+static int open_backing(const char *dir)
+{
+	char path[4096];
+	int fd;
+
+	if (!dir)
+		return memfd_create("ringcore", MFD_CLOEXEC);
+	fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+	if (fd >= 0 || (errno != EOPNOTSUPP && errno != EISDIR &&
+			errno != EINVAL))
+		return fd;
+	/* no O_TMPFILE on this file system: a named file, unlinked at once */
+	if (snprintf(path, sizeof(path), "%s/ringcore-XXXXXX", dir) >=
+	    (int)sizeof(path)) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	fd = mkostemp(path, O_CLOEXEC);
+	if (fd >= 0)
+		unlink(path);
+	return fd;
+}
+
 int rc_create(struct rc_ring *r, uint64_t size, int role, uint32_t flags)
+{
+	return rc_create_in(r, size, role, flags, NULL);
+}
+
+int rc_create_in(struct rc_ring *r, uint64_t size, int role, uint32_t flags,
+		 const char *dir)
 {
 	size_t page = rc_page_size();
 	size_t meta = meta_pages(page);
@@ -197,9 +233,7 @@ int rc_create(struct rc_ring *r, uint64_t size, int role, uint32_t flags)
 		return err;
 	file_len = (off_t)(meta * page + size);
 
-	/* An anonymous memfd: no name in any file system, so nothing is
-	 * world-accessible; other processes get it only as a descriptor. */
-	r->mem_fd = memfd_create("ringcore", MFD_CLOEXEC);
+	r->mem_fd = open_backing(dir);
 	if (r->mem_fd < 0)
 		goto sys_fail;
 	if (ftruncate(r->mem_fd, file_len))

@@ -108,31 +108,46 @@ static int claim_consumer(RingObject *self)
 static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
 	static char *kwlist[] = {"size", "consumer", "abandon_timeout",
-				 "overwrite", NULL};
+				 "overwrite", "shm_dir", NULL};
 	unsigned long long size;
 	int consumer = 1, overwrite = 0;
 	double abandon = 1.0;
+	PyObject *dir_obj = NULL;
+	const char *dir = NULL;
 	RingObject *self;
 	int err;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|$pdp:Ring", kwlist,
-					 &size, &consumer, &abandon, &overwrite))
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|$pdpO&:Ring", kwlist,
+					 &size, &consumer, &abandon, &overwrite,
+					 PyUnicode_FSConverter, &dir_obj))
 		return NULL;
+	if (dir_obj)
+		dir = PyBytes_AS_STRING(dir_obj);
 	if (rc_check_size(size)) {
 		raise_size_error(size);
+		Py_XDECREF(dir_obj);
 		return NULL;
 	}
 	self = (RingObject *)type->tp_alloc(type, 0);
-	if (!self)
+	if (!self) {
+		Py_XDECREF(dir_obj);
 		return NULL;
-	err = rc_create(&self->ring, size,
-			consumer ? RC_ROLE_CONSUMER : RC_ROLE_PRODUCER,
-			overwrite ? RC_FLAG_OVERWRITE : 0);
+	}
+	err = rc_create_in(&self->ring, size,
+			   consumer ? RC_ROLE_CONSUMER : RC_ROLE_PRODUCER,
+			   overwrite ? RC_FLAG_OVERWRITE : 0, dir);
 	if (err) {
-		raise_rc_error(err, "cannot create ring");
+		/* name the directory: ENOSPC there means "the ring does not
+		 * fit in this tmpfs", which the caller explains */
+		if (err == -RC_ESYS && dir)
+			PyErr_SetFromErrnoWithFilename(PyExc_OSError, dir);
+		else
+			raise_rc_error(err, "cannot create ring");
+		Py_XDECREF(dir_obj);
 		Py_DECREF(self);
 		return NULL;
 	}
+	Py_XDECREF(dir_obj);
 	if (parse_abandon(abandon, &self->ring) ||
 	    (consumer && claim_consumer(self))) {
 		Py_DECREF(self);
@@ -763,6 +778,18 @@ static PyObject *Ring_ready(RingObject *self, PyObject *Py_UNUSED(ignored))
 	return PyBool_FromLong(rc_ready(&self->ring));
 }
 
+/* An event-loop consumer sleeps on fileno() with no timeout of its own, but a
+ * record stuck busy by a dead producer never signals: this says when to look
+ * again (then consume() steps over the record if its owner is gone). */
+static PyObject *Ring_stall_recheck(RingObject *self,
+				   PyObject *Py_UNUSED(ignored))
+{
+	if (check_consumer(self, "stall_recheck"))
+		return NULL;
+	return PyFloat_FromDouble((double)rc_stall_recheck_ns(&self->ring) *
+				  1e-9);
+}
+
 /* --- introspection -------------------------------------------------------- */
 
 static PyObject *Ring_query(RingObject *self, PyObject *Py_UNUSED(ignored))
@@ -968,6 +995,10 @@ static PyMethodDef Ring_methods[] = {
 	 "prepare_wait() returned True)."},
 	{"ready", (PyCFunction)Ring_ready, METH_NOARGS,
 	 "ready()\n--\n\nTrue if the next record is committed."},
+	{"stall_recheck", (PyCFunction)Ring_stall_recheck, METH_NOARGS,
+	 "stall_recheck()\n--\n\nSeconds until the consumer should look again "
+	 "at a busy record that blocks it (its producer may have died), or 0.0 "
+	 "when it is not blocked."},
 	{"query", (PyCFunction)Ring_query, METH_NOARGS,
 	 "query()\n--\n\nPositions and counters: a RingQuery."},
 	{"snapshot", (PyCFunction)Ring_snapshot, METH_NOARGS,

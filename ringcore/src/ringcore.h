@@ -236,6 +236,10 @@ int rc_check_size(uint64_t size);
 size_t rc_page_size(void);
 /* create a ring and map it for `role`; flags: RC_FLAG_* */
 int rc_create(struct rc_ring *r, uint64_t size, int role, uint32_t flags);
+/* Same, with the ring's memory in an unnamed file in directory `dir` (a
+ * tmpfs, so its size limit applies) instead of a memfd; dir NULL = memfd. */
+int rc_create_in(struct rc_ring *r, uint64_t size, int role, uint32_t flags,
+		 const char *dir);
 /* attach to a ring from its memory fd and event fd (both are dup()ed) */
 int rc_attach(struct rc_ring *r, int mem_fd, int event_fd, int role);
 void rc_close(struct rc_ring *r);
