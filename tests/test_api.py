@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import multiprocessing as mp
+import os
 import pickle
 import select
 import struct
@@ -883,3 +884,23 @@ def test_ring_that_does_not_fit_its_shm_dir_fails_at_creation(small_tmpfs):
     assert err.value.filename == str(small_tmpfs)
     with Ring(1 << 16, shm_dir=small_tmpfs) as ring:  # one that fits is fine
         assert ring.output(b"fits")
+
+
+def _child_outputs(ring, n):
+    for _ in range(n):
+        assert ring.output(b"x")
+
+
+def test_slot_stats_attribute_counters_to_producer_pids():
+    ring = Ring(PAGE_SIZE)
+    assert ring.slot_stats() == []
+    child = mp.get_context("fork").Process(target=_child_outputs, args=(ring, 3))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    assert ring.output(b"mine") and not ring.output(bytes(PAGE_SIZE - 16))
+    stats = {pid: (sub, dis, fail) for _, pid, sub, dis, fail, _ in ring.slot_stats()}
+    # the child's slot keeps its counts after it exits (pid 0 once reclaimed)
+    assert stats.pop(os.getpid()) == (1, 0, 1)
+    assert list(stats.values()) == [(3, 0, 0)]
+    assert sum(s[2] for s in ring.slot_stats()) == ring.query().submitted == 4

@@ -792,6 +792,49 @@ static PyObject *Ring_stall_recheck(RingObject *self,
 
 /* --- introspection -------------------------------------------------------- */
 
+/* The per-producer counters that query() sums, slot by slot, so a service
+ * can attribute them to its producers by pid. A slot's counters only grow,
+ * across owners: a freed slot (pid 0) keeps what its last owner counted. */
+static PyObject *Ring_slot_stats(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+	PyObject *list;
+
+	if (check_open(self))
+		return NULL;
+	list = PyList_New(0);
+	if (!list)
+		return NULL;
+	for (uint32_t i = 0; i < RC_MAX_SLOTS; i++) {
+		struct rc_slot *sl = &self->ring.slots[i];
+		/* relaxed: counters for reporting, each read on its own */
+		uint32_t pid = atomic_load_explicit(&sl->pid,
+						    memory_order_relaxed);
+		uint64_t sub = atomic_load_explicit(&sl->submitted,
+						    memory_order_relaxed);
+		uint64_t dis = atomic_load_explicit(&sl->discarded,
+						    memory_order_relaxed);
+		uint64_t fail = atomic_load_explicit(&sl->reserve_failures,
+						     memory_order_relaxed);
+		uint64_t wake = atomic_load_explicit(&sl->wakeups,
+						     memory_order_relaxed);
+		PyObject *t;
+
+		if (!pid && !sub && !dis && !fail && !wake)
+			continue; /* never used */
+		t = Py_BuildValue("(IIKKKK)", i, pid, (unsigned long long)sub,
+				  (unsigned long long)dis,
+				  (unsigned long long)fail,
+				  (unsigned long long)wake);
+		if (!t || PyList_Append(list, t)) {
+			Py_XDECREF(t);
+			Py_DECREF(list);
+			return NULL;
+		}
+		Py_DECREF(t);
+	}
+	return list;
+}
+
 static PyObject *Ring_query(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
 	struct rc_query q;
@@ -999,6 +1042,10 @@ static PyMethodDef Ring_methods[] = {
 	 "stall_recheck()\n--\n\nSeconds until the consumer should look again "
 	 "at a busy record that blocks it (its producer may have died), or 0.0 "
 	 "when it is not blocked."},
+	{"slot_stats", (PyCFunction)Ring_slot_stats, METH_NOARGS,
+	 "slot_stats()\n--\n\n[(slot, pid, submitted, discarded, "
+	 "reserve_failures, wakeups)] for every producer slot ever used; pid 0: "
+	 "free now. The counters of a slot only grow, across owners."},
 	{"query", (PyCFunction)Ring_query, METH_NOARGS,
 	 "query()\n--\n\nPositions and counters: a RingQuery."},
 	{"snapshot", (PyCFunction)Ring_snapshot, METH_NOARGS,
