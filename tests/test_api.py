@@ -904,3 +904,8 @@ def test_slot_stats_attribute_counters_to_producer_pids():
     assert stats.pop(os.getpid()) == (1, 0, 1)
     assert list(stats.values()) == [(3, 0, 0)]
     assert sum(s[2] for s in ring.slot_stats()) == ring.query().submitted == 4
+
+
+def test_shm_dir_none_is_a_memfd():
+    with Ring(PAGE_SIZE, shm_dir=None) as ring:
+        assert ring.output(b"memfd")

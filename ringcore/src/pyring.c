@@ -112,17 +112,20 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	unsigned long long size;
 	int consumer = 1, overwrite = 0;
 	double abandon = 1.0;
-	PyObject *dir_obj = NULL;
+	PyObject *dir_arg = Py_None, *dir_obj = NULL;
 	const char *dir = NULL;
 	RingObject *self;
 	int err;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|$pdpO&:Ring", kwlist,
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|$pdpO:Ring", kwlist,
 					 &size, &consumer, &abandon, &overwrite,
-					 PyUnicode_FSConverter, &dir_obj))
+					 &dir_arg))
 		return NULL;
-	if (dir_obj)
+	if (dir_arg != Py_None) {
+		if (!PyUnicode_FSConverter(dir_arg, &dir_obj))
+			return NULL;
 		dir = PyBytes_AS_STRING(dir_obj);
+	}
 	if (rc_check_size(size)) {
 		raise_size_error(size);
 		Py_XDECREF(dir_obj);
