@@ -21,6 +21,8 @@ SOURCES = [
     "ringcore/src/module.c",
     "ringcore/src/kernel.c",
     "ringcore/src/pykernelring.c",
+    "ringcore/src/encode.c",
+    "ringcore/src/pyencoder.c",
 ]
 
 flags = ["-std=gnu11", "-O2", "-Wall", "-Wextra"]
@@ -36,6 +38,7 @@ setup(
                 "ringcore/src/ringcore.h",
                 "ringcore/src/pyringcore.h",
                 "ringcore/src/kernelring.h",
+                "ringcore/src/encode.h",
             ],
             extra_compile_args=flags,
         )

@@ -182,3 +182,26 @@ class KernelRing:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool: ...
+
+@final
+class Encoder:
+    def __new__(
+        cls,
+        schemas: Sequence[
+            tuple[
+                int,
+                str,
+                Sequence[tuple[str, str, int, int, str | None, dict[int, str] | None]],
+            ]
+        ],
+    ) -> Self: ...
+    @property
+    def type_ids(self) -> list[int]: ...
+    def consume(
+        self, ring: Ring, max_records: int | None = None
+    ) -> tuple[list[bytes], list[int], list[int], list[int]]: ...
+    def encode(self, pos: int, data: Buffer, now_ns: int) -> bytes: ...
+    def encode_many(
+        self, records: Sequence[tuple[int, Buffer]], now_ns: int
+    ) -> tuple[list[bytes], list[int], list[int], list[int]]: ...
+    def stats(self) -> dict[str, int]: ...

@@ -13,6 +13,8 @@ PyTypeObject *RingQueryType;
 
 /* pykernelring.c: readies and adds KernelRing and KernelRingQuery */
 int kernelring_add_types(PyObject *m);
+/* pyencoder.c: readies and adds Encoder */
+int encoder_add_type(PyObject *m);
 
 static PyStructSequence_Field query_fields[] = {
 	{"avail_data", "bytes reserved and not yet consumed (BPF_RB_AVAIL_DATA)"},
@@ -73,6 +75,8 @@ PyMODINIT_FUNC PyInit__ringcore(void)
 	    PyModule_AddType(m, RingQueryType))
 		goto fail;
 	if (kernelring_add_types(m))
+		goto fail;
+	if (encoder_add_type(m))
 		goto fail;
 	RingError = new_error(m, "RingError", PyExc_Exception,
 			      "Base class of ringcore's errors.");
