@@ -1,0 +1,1 @@
+"""Record sources that run in worker processes."""
