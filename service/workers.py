@@ -381,6 +381,12 @@ class Supervisor:
         self._ctx = multiprocessing.get_context("spawn")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
+        self._pids: dict[int, str] = {}
+
+    def source_of(self, pid: int) -> str:
+        """The source a producer pid ran (its workers' pids are remembered after
+        they exit), or "external" for a process that attached by name."""
+        return self._pids.get(pid, "external")
 
     def alive(self) -> int:
         """Worker processes running now."""
@@ -420,6 +426,8 @@ class Supervisor:
             slot.exited.set_result(-1)
             self._after_exit(slot, -1)
             return
+        if process.pid is not None:
+            self._pids[process.pid] = spec.kind
         # the sentinel is readable once the child is gone; no polling
         self._loop.add_reader(process.sentinel, self._on_sentinel, slot, process, 0.001)
 

@@ -1,0 +1,262 @@
+"""The service's lifecycle: start everything in order, run, drain and stop.
+
+Start: schemas and encoder, worker plan (config errors surface here, before
+anything runs), the ring (allocated up front, so a ring that does not fit
+its tmpfs fails now, not with SIGBUS later), HTTP, the consumer, then the
+workers; /readyz turns 200.
+
+Stop (SIGTERM or SIGINT), within server.shutdown_timeout: /readyz 503 and
+new subscribers refused, workers stopped, the ring drained to the
+subscribers, streams flushed and ended (WebSockets closed with 1001), exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+import ringcore
+from service import __version__
+from service.consumer import RingConsumer
+from service.endpoints import State, make_app
+from service.fanout import Hub
+from service.filters import FilterSchema
+from service.metrics import Latency, ServiceCollector
+from service.schema import SchemaError, builtin_schemas, compile_encoder, load_schema_file
+from service.settings import Config, ConfigError
+from service.sources import plugin
+from service.workers import SourceConfigError, Supervisor, WorkerSpec, plan_workers
+
+log = logging.getLogger("ringstream")
+
+
+class StartupError(Exception):
+    """The service cannot start; the message says why and what to change."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def create_ring(cfg: Config) -> ringcore.Ring:
+    size = cfg["ring"]["size"]
+    shm_dir = cfg["ring"]["shm_dir"]
+    where = None if shm_dir == "memfd" else shm_dir
+    try:
+        return ringcore.Ring(size, abandon_timeout=cfg["ring"]["abandon_timeout"], shm_dir=where)
+    except ValueError as e:
+        raise ConfigError(f"ring.size: {e}") from None
+    except OSError as e:
+        if where is None:
+            raise StartupError(f"cannot create the ring: {e}") from None
+        if e.errno == errno.ENOSPC:
+            st = os.statvfs(where)
+            free = st.f_bavail * st.f_frsize
+            total = st.f_blocks * st.f_frsize
+            need = size + 7 * ringcore.PAGE_SIZE  # the control pages, rounded up
+            raise StartupError(
+                f"the ring does not fit in {where}: ring.size {_mib(size)} needs "
+                f"{_mib(need)}, and {where} has {_mib(free)} free of {_mib(total)}. "
+                f"In Docker, give the container more shared memory: docker run "
+                f"--shm-size={max(64, (need >> 20) + 64)}m ...; in Kubernetes, size the "
+                f"memory-backed emptyDir on {where}; or lower ring.size (--ring-size)."
+            ) from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+            raise StartupError(
+                f"ring.shm_dir: cannot create the ring in {where}: {e.strerror} "
+                '(ring.shm_dir = "memfd" uses an anonymous memfd instead)'
+            ) from None
+        raise StartupError(f"cannot create the ring in {where}: {e}") from None
+
+
+def load_schemas(cfg: Config) -> list[Any]:
+    schemas = list(builtin_schemas())
+    for path in cfg["schemas"]["files"]:
+        try:
+            schemas.extend(load_schema_file(path))
+        except OSError as e:
+            raise ConfigError(f"schemas.files: cannot read {path}: {e.strerror}") from None
+        except SchemaError as e:
+            raise ConfigError(f"schemas.files: {path}: {e}") from None
+    seen: dict[int, str] = {}
+    for s in schemas:
+        if s.type_id in seen:
+            raise ConfigError(
+                f"schemas.files: type {s.type_id} is defined twice ({seen[s.type_id]}, {s.name})"
+            )
+        seen[s.type_id] = s.name
+    return schemas
+
+
+def _check_plugins(specs: list[WorkerSpec]) -> None:
+    """Import plugin targets now: a typo fails the start, not a worker later."""
+    for spec in specs:
+        if spec.kind == "plugin" and spec.instance == 0:
+            try:
+                plugin.resolve(spec.options["target"])
+            except plugin.PluginError as e:
+                raise ConfigError(f"sources[{spec.index}].target: {e}") from None
+
+
+class Service:
+    """The running service; `run()` returns the process exit status."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.stop_requested = asyncio.Event()
+        self.port: int | None = None
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        schemas = load_schemas(cfg)
+        encoder = compile_encoder(schemas)
+        count = cfg["workers"]["count"] or os.cpu_count() or 1
+        try:
+            specs = plan_workers([dict(s) for s in cfg.sources], count)
+        except SourceConfigError as e:
+            raise ConfigError(str(e)) from None
+        _check_plugins(specs)
+        ring = create_ring(cfg)
+        subs = cfg["subscribers"]
+        hub = Hub(
+            queue_records=subs["queue_records"],
+            queue_bytes=subs["queue_bytes"],
+            policy=subs["policy"],
+            history_records=subs["history_records"],
+            history_bytes=subs["history_bytes"],
+        )
+        consumer = RingConsumer(
+            ring,
+            encoder,
+            hub,
+            batch=cfg["consumer"]["batch"],
+            stall_recheck=cfg["consumer"]["stall_recheck"],
+        )
+        try:
+            supervisor = Supervisor(
+                ring,
+                specs,
+                backoff_initial=cfg["workers"]["backoff_initial"],
+                backoff_max=cfg["workers"]["backoff_max"],
+                backoff_reset=cfg["workers"]["backoff_reset"],
+                log=logging.getLogger("ringstream.workers"),
+            )
+        except SourceConfigError as e:
+            raise ConfigError(str(e)) from None
+        registry = CollectorRegistry(auto_describe=True)
+        latency = Latency(registry)
+        st = State(
+            ring=ring,
+            hub=hub,
+            consumer=consumer,
+            filters=FilterSchema(
+                {s.name: s.type_id for s in schemas},
+                (f.name for s in schemas for f in s.fields),
+            ),
+            registry=registry,
+            latency=latency,
+            settings=subs,
+            batch=cfg["consumer"]["batch"],
+        )
+        registry.register(
+            ServiceCollector(
+                ring,
+                hub,
+                supervisor,
+                encoder,
+                supervisor.source_of,
+                lambda: st.phase == "ready",
+            )
+        )
+        attach = None
+        if cfg["ring"]["attach_socket"]:
+            uids = {os.getuid(), *cfg["ring"]["attach_uids"]}
+            try:
+                attach = ringcore.serve(ring, cfg["ring"]["attach_socket"], allowed_uids=uids)
+            except OSError as e:
+                raise StartupError(f"ring.attach_socket: {e}") from None
+
+        runner = web.AppRunner(make_app(st), handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        host, port = cfg["server"]["host"], cfg["server"]["port"]
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise StartupError(
+                f"server.port: cannot listen on {host}:{port}: {e.strerror}"
+            ) from None
+        self.port = _bound_port(runner, port)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_requested.set)
+        consumer.start()
+        await supervisor.start()
+        st.phase = "ready"
+        log.info(
+            "started",
+            extra={
+                "event": "start",
+                "version": __version__,
+                "host": host,
+                "port": self.port,
+                "ring_size": ring.size,
+                "ring_memory": cfg["ring"]["shm_dir"],
+                "workers": len(specs),
+                "sources": sorted({s.kind for s in specs}),
+                "config": cfg.origin,
+                "attach_socket": cfg["ring"]["attach_socket"] or None,
+                "pid": os.getpid(),
+            },
+        )
+
+        await self.stop_requested.wait()
+        t0 = time.monotonic()
+        deadline = t0 + cfg["server"]["shutdown_timeout"]
+        st.phase = "draining"
+        log.info("stopping", extra={"event": "stopping"})
+        if attach is not None:
+            attach.close()
+        await supervisor.stop(max(0.5, min(3.0, deadline - time.monotonic() - 1.5)))
+        consumer.stop()
+        drained = consumer.drain()
+        hub.close_all("shutdown")
+        pending = set(st.streams)
+        if pending:
+            _, late = await asyncio.wait(
+                pending, timeout=max(0.1, deadline - time.monotonic() - 0.5)
+            )
+            for task in late:
+                task.cancel()
+        await runner.cleanup()
+        left = ring.query().avail_data
+        log.info(
+            "stopped",
+            extra={
+                "event": "stop",
+                "drained_records": drained,
+                "last_id": hub.history.last,
+                "consumed_records": consumer.records,
+                "left_in_ring_bytes": left,
+                "seconds": round(time.monotonic() - t0, 3),
+            },
+        )
+        ring.close()
+        return 0
+
+
+def _bound_port(runner: web.AppRunner, asked: int) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    return asked

@@ -1,0 +1,136 @@
+"""The ring's consumer on the event loop: wake on the eventfd, drain, publish.
+
+No thread and no polling. The loop watches the ring's eventfd with a reader
+callback; each wake-up drains committed records in batches (decoded and
+JSON-encoded by ringcore.Encoder in one C pass) and publishes them to the
+fan-out. Before going back to sleep the consumer announces it
+(Ring.prepare_wait), which re-checks the ring, so a record committed in
+between is never left waiting for a wake-up that will not come.
+
+Two things can leave records in the ring with no wake-up to come: a draining
+pass that stops after `max_batches` so HTTP writers get the loop (it
+reschedules itself at once), and a record stuck busy because its producer
+died mid-record (a timer fires when Ring.stall_recheck says to look again,
+and the consume steps over the record once its owner is known dead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ringcore
+from service.batch import Batch
+from service.fanout import Hub
+
+log = logging.getLogger("ringstream.consumer")
+
+
+class RingConsumer:
+    def __init__(
+        self,
+        ring: ringcore.Ring,
+        encoder: ringcore.Encoder,
+        hub: Hub,
+        *,
+        batch: int,
+        max_batches: int = 8,
+        stall_recheck: float = 0.25,
+    ) -> None:
+        self.ring = ring
+        self.encoder = encoder
+        self.hub = hub
+        self.batch = batch
+        self.max_batches = max_batches
+        self.stall_recheck = stall_recheck
+        self.records = 0
+        self.batches = 0
+        self.last_drain = 0.0  # monotonic time of the last pass, for /healthz
+        self.corrupt: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sleeping = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending: asyncio.Handle | None = None
+        self._stopped = False
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.ring.fileno(), self._wake)
+        self._run()
+
+    def stop(self) -> None:
+        """Stop watching the ring (records still in it stay for drain())."""
+        self._stopped = True
+        if self._loop is not None:
+            self._loop.remove_reader(self.ring.fileno())
+        for h in (self._timer, self._pending):
+            if h is not None:
+                h.cancel()
+        if self._sleeping:
+            self.ring.finish_wait()
+            self._sleeping = False
+
+    def drain(self) -> int:
+        """Take everything committed now (at shutdown, after the producers stopped)."""
+        total = 0
+        while n := self._drain_once():
+            total += n
+        return total
+
+    def _wake(self) -> None:
+        if self._sleeping:
+            self.ring.finish_wait()
+            self._sleeping = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._run()
+
+    def _run(self) -> None:
+        self._pending = None
+        if self._stopped:
+            return
+        for _ in range(self.max_batches):
+            if self._drain_once() < self.batch:
+                break
+        else:
+            # more to do: let the writers run first, then come back
+            assert self._loop is not None
+            self._pending = self._loop.call_soon(self._run)
+            return
+        self._sleep()
+
+    def _sleep(self) -> None:
+        assert self._loop is not None
+        # prepare_wait() re-checks after announcing: False means a record
+        # came in meanwhile, and no wake-up was asked for it
+        while not self.ring.prepare_wait():
+            if self._drain_once():
+                self._pending = self._loop.call_soon(self._run)
+                return
+            if self.corrupt is not None:
+                return  # nothing can be consumed any more; /healthz fails
+            # else only discarded records were ready: consumed, look again
+        self._sleeping = True
+        stall = self.ring.stall_recheck()
+        if stall > 0:
+            self._timer = self._loop.call_later(min(stall, self.stall_recheck), self._wake)
+
+    def _drain_once(self) -> int:
+        try:
+            lines, positions, ts, types = self.encoder.consume(self.ring, self.batch)
+        except ringcore.RingCorruptedError as e:
+            # nothing more can be read past a corrupt header; say so once,
+            # loudly, and keep serving what was read (health reports it)
+            if self.corrupt is None:
+                log.error("ring corrupted", extra={"event": "ring_corrupt", "error": str(e)})
+            self.corrupt = str(e)
+            return 0
+        self.last_drain = time.monotonic()
+        if not lines:
+            return 0
+        self.records += len(lines)
+        self.batches += 1
+        self.hub.publish(Batch.of(lines, positions, ts, types))
+        return len(lines)

@@ -1,0 +1,274 @@
+"""HTTP endpoints: /events (NDJSON or SSE), /ws, /query, /healthz, /readyz, /metrics, /."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import WSCloseCode, WSMsgType, web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+import ringcore
+from service.consumer import RingConsumer
+from service.fanout import Hub, Subscriber
+from service.filters import Filter, FilterError, FilterSchema
+from service.metrics import Latency
+from service.streams import NdjsonWriter, SseWriter, WsWriter, pump
+
+log = logging.getLogger("ringstream.http")
+
+LANDING = """ringstream: records from a shared-memory ring, streamed in order.
+
+  GET /events    NDJSON stream (curl -N); SSE with Accept: text/event-stream or ?format=sse
+                 resume: Last-Event-ID header, ?last_event_id=ID or ?from=ID
+                 filters: ?type=exec,exit  ?field.comm=bash  ?field.filename=/usr/*  ?sample=10
+  GET /ws        WebSocket, JSON text frames; ?batch=N for arrays of up to N records;
+                 send {"filter": {...}} to change the filter
+  GET /query     the ring's positions and counters as JSON
+  GET /healthz   liveness      GET /readyz   readiness (503 while starting or draining)
+  GET /metrics   Prometheus metrics
+"""
+
+STREAM_PARAMS = {"format", "from", "last_event_id"}
+WS_PARAMS = {"from", "last_event_id", "batch"}
+
+
+@dataclass
+class State:
+    """What the handlers share; app.py builds it and owns its lifecycle."""
+
+    ring: ringcore.Ring
+    hub: Hub
+    consumer: RingConsumer
+    filters: FilterSchema
+    registry: CollectorRegistry
+    latency: Latency
+    settings: Mapping[str, Any]  # the [subscribers] section
+    batch: int  # consumer batch, also the replay piece size
+    phase: str = "starting"  # starting | ready | draining
+    streams: set[asyncio.Task[Any]] = field(default_factory=set)
+    websockets: set[web.WebSocketResponse] = field(default_factory=set)
+
+
+STATE = web.AppKey("state", State)
+
+
+def _bad(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=orjson.dumps({"error": message}).decode() + "\n", content_type="application/json"
+    )
+
+
+def _unavailable(st: State) -> web.HTTPServiceUnavailable:
+    return web.HTTPServiceUnavailable(
+        text=orjson.dumps({"status": st.phase}).decode() + "\n", content_type="application/json"
+    )
+
+
+def _id(value: str, name: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise _bad(f"{name}: must be a record id (a ring position, an integer >= 0), got {value!r}")
+    return n
+
+
+def _resume(request: web.Request) -> int | None:
+    """The id to resume after, from Last-Event-ID, ?last_event_id= or ?from= (inclusive)."""
+    q = request.query
+    if "from" in q:
+        return _id(q["from"], "from") - 1
+    if "last_event_id" in q:
+        return _id(q["last_event_id"], "last_event_id")
+    if "Last-Event-ID" in request.headers:
+        return _id(request.headers["Last-Event-ID"], "Last-Event-ID")
+    return None
+
+
+def _filter(st: State, request: web.Request, known: set[str]) -> Filter | None:
+    items = [(k, v) for k, v in request.query.items() if k not in known]
+    try:
+        return st.filters.parse(items)
+    except FilterError as e:
+        raise _bad(str(e)) from None
+
+
+def _peer(request: web.Request) -> str:
+    return request.remote or "?"
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    st = request.app[STATE]
+    if st.phase != "ready":
+        raise _unavailable(st)
+    fmt = request.query.get("format")
+    if fmt is None:
+        accept = request.headers.get("Accept", "")
+        fmt = "sse" if "text/event-stream" in accept else "ndjson"
+    if fmt not in ("ndjson", "sse"):
+        raise _bad(f"format: must be 'ndjson' or 'sse', got {fmt!r}")
+    after = _resume(request)
+    flt = _filter(st, request, STREAM_PARAMS)
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream" if fmt == "sse" else "application/x-ndjson",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # tell proxies not to hold the stream back
+        }
+    )
+    await resp.prepare(request)
+    sub = st.hub.subscribe(fmt, _peer(request), flt, after)
+    writer = SseWriter(resp) if fmt == "sse" else NdjsonWriter(resp)
+    reason = "client"
+    try:
+        await _run_stream(st, sub, writer)
+        reason = sub.closed or "client"
+        if reason == "shutdown":
+            await resp.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        reason = sub.closed if sub.closed in ("shutdown", "slow") else "client"
+    finally:
+        st.hub.unsubscribe(sub, reason)
+    return resp
+
+
+async def _run_stream(st: State, sub: Subscriber, writer: Any) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    st.streams.add(task)
+    try:
+        await pump(
+            st.hub,
+            sub,
+            writer,
+            st.latency,
+            heartbeat=st.settings["heartbeat"],
+            replay_limit=st.batch,
+        )
+    finally:
+        st.streams.discard(task)
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    st = request.app[STATE]
+    if st.phase != "ready":
+        raise _unavailable(st)
+    batch = None
+    if "batch" in request.query:
+        batch = _id(request.query["batch"], "batch")
+        if not 1 <= batch <= st.settings["max_batch"]:
+            raise _bad(f"batch: must be between 1 and {st.settings['max_batch']}, got {batch}")
+    after = _resume(request)
+    flt = _filter(st, request, WS_PARAMS)
+    ws = web.WebSocketResponse(
+        heartbeat=st.settings["heartbeat"],
+        compress=st.settings["ws_compress"],
+        max_msg_size=1 << 16,
+    )
+    await ws.prepare(request)
+    st.websockets.add(ws)
+    sub = st.hub.subscribe("ws", _peer(request), flt, after)
+    sender = asyncio.create_task(_run_stream(st, sub, WsWriter(ws, batch)))
+    reason = "client"
+    try:
+        await _read_messages(st, sub, ws, sender)
+        if sender.done() and not sender.cancelled() and sender.exception() is None:
+            reason = sub.closed or "client"
+    finally:
+        if not sender.done():
+            sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        reason = sub.closed if sub.closed in ("shutdown", "slow") else reason
+        st.hub.unsubscribe(sub, reason)
+        code = {"shutdown": WSCloseCode.GOING_AWAY, "slow": WSCloseCode.POLICY_VIOLATION}
+        if not ws.closed:
+            await ws.close(code=code.get(reason, WSCloseCode.OK), message=reason.encode())
+        st.websockets.discard(ws)
+    return ws
+
+
+async def _read_messages(
+    st: State, sub: Subscriber, ws: web.WebSocketResponse, sender: asyncio.Task[None]
+) -> None:
+    """Client messages until it goes, or the sender ends (shutdown or too slow)."""
+    while True:
+        receive = asyncio.ensure_future(ws.receive())
+        done, _ = await asyncio.wait({receive, sender}, return_when=asyncio.FIRST_COMPLETED)
+        if receive not in done:
+            receive.cancel()
+            return
+        msg = receive.result()
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            return
+        if msg.type != WSMsgType.TEXT:
+            await _ws_error(ws, "messages must be JSON text frames")
+            continue
+        try:
+            request = orjson.loads(msg.data)
+        except orjson.JSONDecodeError as e:
+            await _ws_error(ws, f"not JSON: {e}")
+            continue
+        if not isinstance(request, dict) or set(request) != {"filter"}:
+            await _ws_error(
+                ws,
+                'expected {"filter": {...}} (or {"filter": null} for everything), '
+                f"got {msg.data[:200]!r}",
+            )
+            continue
+        try:
+            sub.filter = st.filters.parse_json(request["filter"])
+        except FilterError as e:
+            await _ws_error(ws, str(e))
+            continue
+        spec = sub.filter.spec if sub.filter else None
+        await ws.send_frame(orjson.dumps({"type": "filter", "filter": spec}), WSMsgType.TEXT)
+
+
+async def _ws_error(ws: web.WebSocketResponse, message: str) -> None:
+    await ws.send_frame(orjson.dumps({"type": "error", "error": message}), WSMsgType.TEXT)
+
+
+async def query(request: web.Request) -> web.Response:
+    q = request.app[STATE].ring.query()
+    body = {name: getattr(q, name) for name in type(q).__match_args__}
+    return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    if st.consumer.corrupt is not None:
+        return web.json_response({"status": "unhealthy", "error": st.consumer.corrupt}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    return web.json_response({"status": st.phase}, status=200 if st.phase == "ready" else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[STATE].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def landing(request: web.Request) -> web.Response:
+    return web.Response(text=LANDING)
+
+
+def make_app(st: State) -> web.Application:
+    app = web.Application()
+    app[STATE] = st
+    app.router.add_get("/", landing)
+    app.router.add_get("/events", events)
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/query", query)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

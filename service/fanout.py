@@ -1,0 +1,331 @@
+"""Fan-out: the consumer publishes each batch once; every subscriber queues it.
+
+A subscriber's queue is bounded in records and bytes. When a publish would
+overflow it, the policy applies at once, in the publisher's call: either the
+oldest queued records are dropped (counted, and the subscriber's next write
+starts with a gap marker saying how many and between which ids) or the
+subscriber is disconnected (counted). Publishing never awaits, so a slow
+subscriber cannot slow the ring consumer or anyone else.
+
+The history keeps the newest records (bounded in records and bytes) for
+subscribers that resume with Last-Event-ID or ?from=. A subscriber that
+resumes replays from the history through a cursor, not by copying it into
+its queue, and joins the live stream where the replay ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import count
+
+from service.batch import Batch
+from service.filters import Filter
+
+log = logging.getLogger("ringstream.subscribers")
+
+TRANSPORTS = ("ndjson", "sse", "ws")
+
+
+@dataclass(slots=True)
+class Gap:
+    """Records a subscriber will not get: a marker goes out before the next record."""
+
+    reason: str  # "slow_subscriber" | "history"
+    after_id: int  # the last id before the gap (-1: from the beginning)
+    dropped: int | None = None  # None: not known (history)
+
+    def marker(self, next_id: int | None) -> dict[str, object]:
+        m: dict[str, object] = {"type": "gap", "reason": self.reason, "after_id": self.after_id}
+        if next_id is not None:
+            m["next_id"] = next_id
+        if self.dropped is not None:
+            m["dropped"] = self.dropped
+        return m
+
+
+class History:
+    """The newest published batches, bounded in records and bytes."""
+
+    def __init__(self, max_records: int, max_bytes: int) -> None:
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.batches: deque[Batch] = deque()
+        self.records = 0
+        self.bytes = 0
+        self.evicted_last = -1  # id of the newest record evicted so far
+
+    def append(self, batch: Batch) -> None:
+        if self.max_records == 0:
+            self.evicted_last = batch.last
+            return
+        self.batches.append(batch)
+        self.records += len(batch)
+        self.bytes += batch.nbytes
+        while self.batches and (self.records > self.max_records or self.bytes > self.max_bytes):
+            old = self.batches.popleft()
+            self.records -= len(old)
+            self.bytes -= old.nbytes
+            self.evicted_last = old.last
+
+    @property
+    def last(self) -> int:
+        """Id of the newest record published (-1: none yet)."""
+        return self.batches[-1].last if self.batches else self.evicted_last
+
+    def read(self, after: int, until: int, limit: int) -> tuple[Batch | None, bool]:
+        """Up to `limit` records with after < id <= until, and whether some are gone."""
+        lost = after < self.evicted_last
+        for b in self.batches:
+            if b.last <= after:
+                continue
+            if b.first > until:
+                break
+            part = b.after(after)
+            if part.last > until:
+                part = part.slice(0, sum(1 for p in part.positions if p <= until))
+            return (part.slice(0, limit) if len(part) > limit else part), lost
+        return None, lost
+
+
+class Subscriber:
+    """One connected client: its filter, bounded queue, pending gap and wake-up."""
+
+    def __init__(
+        self,
+        sid: int,
+        transport: str,
+        peer: str,
+        flt: Filter | None,
+        max_records: int,
+        max_bytes: int,
+        policy: str,
+    ) -> None:
+        self.id = sid
+        self.transport = transport
+        self.peer = peer
+        self.filter = flt
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.policy = policy
+        self.queue: deque[Batch] = deque()
+        self.records = 0
+        self.bytes = 0
+        self.gap: Gap | None = None  # live records dropped by the policy
+        self.last_id = -1  # id of the last live record queued (or dropped)
+        # a resuming subscriber replays the history (cursor, until] first
+        self.replay_until = -1
+        self.cursor = -1
+        self.replay_gap: Gap | None = None
+        self.dropped = 0
+        self.delivered = 0
+        self.closed: str | None = None  # disconnect reason, once closed
+        self.wake = asyncio.Event()
+
+    def push(self, batch: Batch) -> int:
+        """Queue a published batch; returns records dropped by the policy."""
+        if self.closed is not None or batch.last <= self.replay_until:
+            return 0
+        if self.replay_until >= 0 and batch.first <= self.replay_until:
+            batch = batch.after(self.replay_until)
+        if self.filter is not None:
+            batch = self.filter.apply(batch)
+            if not batch.lines:
+                return 0
+        self.queue.append(batch)
+        self.records += len(batch)
+        self.bytes += batch.nbytes
+        self.wake.set()
+        if self.records <= self.max_records and self.bytes <= self.max_bytes:
+            return 0
+        if self.policy == "disconnect":
+            self.close("slow")
+            return 0
+        return self._drop_oldest()
+
+    def _drop_oldest(self) -> int:
+        dropped = 0
+        first_lost = None
+        while self.records > self.max_records or self.bytes > self.max_bytes:
+            head = self.queue[0]
+            over_r = self.records - self.max_records
+            over_b = self.bytes - self.max_bytes
+            if len(self.queue) > 1 or over_r >= len(head) or over_b >= head.nbytes:
+                self.queue.popleft()
+                n, nb = len(head), head.nbytes
+                lost_last = head.last
+            else:  # trim the only batch from its front
+                cut = max(over_r, _bytes_prefix(head, over_b))
+                rest = head.slice(cut)
+                self.queue[0] = rest
+                n, nb = cut, head.nbytes - rest.nbytes
+                lost_last = head.positions[cut - 1]
+            if first_lost is None:
+                first_lost = head.first
+            self.records -= n
+            self.bytes -= nb
+            dropped += n
+            self._note_gap(n, lost_last)
+        self.dropped += dropped
+        return dropped
+
+    def _note_gap(self, n: int, lost_last: int) -> None:
+        if self.gap is None:
+            # after_id: the last record this subscriber will have got
+            self.gap = Gap("slow_subscriber", self.last_id, 0)
+        self.gap.dropped = (self.gap.dropped or 0) + n
+        self.last_id = lost_last
+
+    def take(self) -> tuple[Gap | None, list[Batch]]:
+        """Everything queued, and the gap to report before it."""
+        gap, self.gap = self.gap, None
+        batches = list(self.queue)
+        self.queue.clear()
+        self.records = self.bytes = 0
+        self.wake.clear()
+        if batches:
+            self.last_id = batches[-1].last
+            self.delivered += sum(map(len, batches))
+        return gap, batches
+
+    def close(self, reason: str) -> None:
+        if self.closed is None:
+            self.closed = reason
+            self.wake.set()
+
+
+def _bytes_prefix(batch: Batch, nbytes: int) -> int:
+    """How many leading records of `batch` add up to at least `nbytes`."""
+    total = 0
+    for i, line in enumerate(batch.lines):
+        if total >= nbytes:
+            return i
+        total += len(line)
+    return len(batch.lines)
+
+
+class Hub:
+    """The subscribers, the history, and the counters the metrics export."""
+
+    def __init__(
+        self,
+        *,
+        queue_records: int,
+        queue_bytes: int,
+        policy: str,
+        history_records: int,
+        history_bytes: int,
+    ) -> None:
+        self.queue_records = queue_records
+        self.queue_bytes = queue_bytes
+        self.policy = policy
+        self.history = History(history_records, history_bytes)
+        self.subscribers: dict[int, Subscriber] = {}
+        self.dropped: Counter[str] = Counter({t: 0 for t in TRANSPORTS})
+        self.disconnects: Counter[str] = Counter()
+        self.published = 0
+        self._ids = count(1)
+
+    def publish(self, batch: Batch) -> None:
+        self.published += len(batch)
+        self.history.append(batch)
+        for sub in self.subscribers.values():
+            if sub.closed is None:
+                dropped = sub.push(batch)
+                if dropped:
+                    self.dropped[sub.transport] += dropped
+                elif sub.closed == "slow":
+                    log.warning(
+                        "subscriber too slow: disconnected",
+                        extra={"event": "subscriber_slow", "subscriber": sub.id},
+                    )
+
+    def subscribe(
+        self, transport: str, peer: str, flt: Filter | None, after: int | None
+    ) -> Subscriber:
+        """A new live subscriber; with `after`, it first replays the history past that id."""
+        sub = Subscriber(
+            next(self._ids),
+            transport,
+            peer,
+            flt,
+            self.queue_records,
+            self.queue_bytes,
+            self.policy,
+        )
+        sub.last_id = self.history.last
+        if after is not None and after < self.history.last:
+            sub.cursor = after
+            sub.replay_until = self.history.last
+            sub.wake.set()
+        elif after is not None and after > self.history.last:
+            # an id from before a restart (positions start again at 0), or
+            # made up: say so, and replay all there is
+            sub.replay_gap = Gap("unknown_id", after)
+            sub.cursor = -1
+            sub.replay_until = self.history.last
+            sub.wake.set()
+        self.subscribers[sub.id] = sub
+        log.info(
+            "subscriber connected",
+            extra={
+                "event": "subscriber_connect",
+                "subscriber": sub.id,
+                "transport": transport,
+                "peer": peer,
+                "filter": flt.spec if flt else None,
+                "after": after,
+            },
+        )
+        return sub
+
+    def replay(self, sub: Subscriber, limit: int) -> Iterator[tuple[Gap | None, Batch | None]]:
+        """The next piece of `sub`'s history replay (nothing once it has caught up)."""
+        if sub.replay_until < 0:
+            return
+        part, lost = self.history.read(sub.cursor, sub.replay_until, limit)
+        gap, sub.replay_gap = sub.replay_gap, None
+        if lost and gap is None:
+            gap = Gap("history", sub.cursor)
+        if part is None or part.last >= sub.replay_until:
+            sub.replay_until = -1  # caught up: live records from here
+        if part is None:
+            if gap is not None:
+                yield gap, None
+            return
+        sub.cursor = part.last
+        if sub.filter is not None:
+            part = sub.filter.apply(part)
+        sub.delivered += len(part)
+        yield gap, part
+
+    def unsubscribe(self, sub: Subscriber, reason: str) -> None:
+        sub.close(reason)
+        if self.subscribers.pop(sub.id, None) is None:
+            return
+        self.disconnects[sub.closed or reason] += 1
+        log.info(
+            "subscriber disconnected",
+            extra={
+                "event": "subscriber_disconnect",
+                "subscriber": sub.id,
+                "transport": sub.transport,
+                "peer": sub.peer,
+                "reason": sub.closed,
+                "delivered": sub.delivered,
+                "dropped": sub.dropped,
+            },
+        )
+
+    def close_all(self, reason: str) -> None:
+        for sub in self.subscribers.values():
+            sub.close(reason)
+
+    def counts(self) -> Counter[str]:
+        c: Counter[str] = Counter({t: 0 for t in TRANSPORTS})
+        for sub in self.subscribers.values():
+            c[sub.transport] += 1
+        return c

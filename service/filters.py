@@ -1,0 +1,140 @@
+"""Subscriber filters: ?type=exec,exit  ?field.comm=bash  ?field.filename=/usr/*  ?sample=10.
+
+All conditions must hold. `type` takes schema names (and "raw"); a
+`field.NAME` value ending in `*` matches as a prefix, otherwise exactly
+(numbers compare by their JSON text: field.pid=42); `sample=N` passes every
+Nth record that matched the rest. A filter keeps per-subscriber state (the
+sample counter), so each subscriber gets its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import orjson
+
+from service.batch import Batch
+
+# the keys every record has, besides its schema's fields
+ENVELOPE_FIELDS = frozenset({"id", "ts_ns", "type", "type_id", "raw", "error", "_extra"})
+
+
+class FilterError(ValueError):
+    """A filter that cannot be applied; the message names the parameter."""
+
+
+@dataclass
+class Filter:
+    type_ids: frozenset[int] | None = None
+    fields: tuple[tuple[str, str, bool], ...] = ()  # (name, value, is_prefix)
+    sample: int = 1
+    spec: dict[str, object] = field(default_factory=dict)  # as given, for echoing back
+    _seen: int = 0
+
+    def apply(self, batch: Batch) -> Batch:
+        tids, fields, sample = self.type_ids, self.fields, self.sample
+        types, lines = batch.types, batch.lines
+        keep: list[int] = []
+        for i in range(len(lines)):
+            if tids is not None and types[i] not in tids:
+                continue
+            if fields and not _fields_match(orjson.loads(lines[i]), fields):
+                continue
+            if sample > 1:
+                self._seen += 1
+                if (self._seen - 1) % sample:
+                    continue
+            keep.append(i)
+        return batch.select(keep)
+
+
+def _fields_match(obj: dict[str, object], fields: tuple[tuple[str, str, bool], ...]) -> bool:
+    for name, want, prefix in fields:
+        value = obj.get(name)
+        if value is None:
+            return False
+        text = value if isinstance(value, str) else orjson.dumps(value).decode()
+        if not (text.startswith(want) if prefix else text == want):
+            return False
+    return True
+
+
+class FilterSchema:
+    """What filters may name: the configured schemas' type names and fields."""
+
+    def __init__(self, types: Mapping[str, int], fields: Iterable[str]) -> None:
+        self.types = {**types, "raw": 0}
+        self.fields = frozenset(fields) | ENVELOPE_FIELDS
+
+    def parse(self, items: Iterable[tuple[str, object]]) -> Filter | None:
+        """A Filter from (parameter, value) pairs, or None when there is no condition."""
+        type_ids: set[int] | None = None
+        fields: list[tuple[str, str, bool]] = []
+        sample = 1
+        spec: dict[str, object] = {}
+        for key, value in items:
+            if key == "type":
+                names = _names(value, key)
+                unknown = [n for n in names if n not in self.types]
+                if unknown:
+                    raise FilterError(
+                        f"type: unknown record type {unknown[0]!r} "
+                        f"(known: {', '.join(sorted(self.types))})"
+                    )
+                type_ids = (type_ids or set()) | {self.types[n] for n in names}
+                spec.setdefault("type", [])
+                spec["type"] += names  # type: ignore[operator]
+            elif key.startswith("field."):
+                name = key[len("field.") :]
+                if name not in self.fields:
+                    raise FilterError(f"{key}: no record type has a field {name!r}")
+                if not isinstance(value, str | int) or isinstance(value, bool):
+                    raise FilterError(f"{key}: must be a string or an integer, got {value!r}")
+                text = str(value)
+                prefix = text.endswith("*")
+                fields.append((name, text[:-1] if prefix else text, prefix))
+                spec[key] = value
+            elif key == "sample":
+                sample = _sample(value)
+                spec["sample"] = sample
+            else:
+                raise FilterError(
+                    f"unknown filter {key!r} (filters: type=NAME[,NAME], field.NAME=VALUE "
+                    "or field.NAME=PREFIX*, sample=N)"
+                )
+        if type_ids is None and not fields and sample == 1:
+            return None
+        return Filter(
+            None if type_ids is None else frozenset(type_ids), tuple(fields), sample, spec
+        )
+
+    def parse_json(self, value: object) -> Filter | None:
+        """A filter sent over a WebSocket: {"type": [...], "field.comm": "bash", "sample": 10}."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise FilterError(f"filter: must be an object or null, got {value!r}")
+        items: list[tuple[str, object]] = []
+        for key, v in value.items():
+            if key == "type" and isinstance(v, list):
+                items.extend(("type", name) for name in v)
+            else:
+                items.append((key, v))
+        return self.parse(items)
+
+
+def _names(value: object, key: str) -> list[str]:
+    if not isinstance(value, str) or not value:
+        raise FilterError(f"{key}: must be a record type name, got {value!r}")
+    return [n for n in value.split(",") if n]
+
+
+def _sample(value: object) -> int:
+    try:
+        n = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise FilterError(f"sample: must be an integer >= 1 (every Nth record), got {value!r}")
+    return n

@@ -1,0 +1,269 @@
+"""Configuration: the built-in TOML, a --config file, RINGSTREAM_* env, CLI flags.
+
+Later layers override earlier ones key by key (a [[sources]] list replaces
+the whole list). Every value is checked here, at start, and a bad one raises
+ConfigError naming where it came from and what is wrong with it; the service
+never starts on a configuration it would have to guess about.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "RINGSTREAM_"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names its key."""
+
+
+# --- value checkers: (value, key) -> value, raising ConfigError ------------
+
+
+def _fail(key: str, problem: str, value: object) -> ConfigError:
+    return ConfigError(f"{key}: {problem}, got {value!r}")
+
+
+def _str(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, "must be a string", value)
+    return value
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, "must be true or false", value)
+    return value
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[object, str], int]:
+    def check(value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(key, "must be an integer", value)
+        if value < lo or (hi is not None and value > hi):
+            bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise _fail(key, f"must be {bounds}", value)
+        return value
+
+    return check
+
+
+def _seconds(lo: float = 0.0, *, positive: bool = False) -> Callable[[object, str], float]:
+    def check(value: object, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _fail(key, "must be a number of seconds", value)
+        if value < lo or (positive and value <= 0):
+            raise _fail(key, "must be > 0 seconds" if positive else f"must be >= {lo}", value)
+        return float(value)
+
+    return check
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: object, key: str) -> int:
+    """Bytes from an integer or a string such as "16MiB", "64m", "1G" (powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise _fail(key, "must be >= 0 bytes", value)
+        return value
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    raise _fail(key, 'must be a size in bytes (4096, "64KiB", "16MiB", "1GiB")', value)
+
+
+def _choice(*options: str) -> Callable[[object, str], str]:
+    def check(value: object, key: str) -> str:
+        if value not in options:
+            raise _fail(key, "must be one of " + ", ".join(repr(o) for o in options), value)
+        return value  # type: ignore[return-value]
+
+    return check
+
+
+def _uids(value: object, key: str) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise _fail(key, "must be a list of uids", value)
+    return tuple(_int(0)(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def _paths(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _fail(key, "must be a list of file paths", value)
+    return tuple(_str(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+# section -> key -> checker; the keys of config/default.toml, all of them
+SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
+    "server": {
+        "host": _str,
+        "port": _int(0, 65535),
+        "shutdown_timeout": _seconds(positive=True),
+    },
+    "ring": {
+        "size": parse_size,
+        "shm_dir": _str,
+        "abandon_timeout": _seconds(),
+        "attach_socket": _str,
+        "attach_uids": _uids,
+    },
+    "workers": {
+        "count": _int(0, 1024),
+        "backoff_initial": _seconds(positive=True),
+        "backoff_max": _seconds(positive=True),
+        "backoff_reset": _seconds(positive=True),
+    },
+    "consumer": {
+        "batch": _int(1, 1 << 20),
+        "stall_recheck": _seconds(positive=True),
+    },
+    "subscribers": {
+        "queue_records": _int(1),
+        "queue_bytes": parse_size,
+        "policy": _choice("drop-oldest", "disconnect"),
+        "history_records": _int(0),
+        "history_bytes": parse_size,
+        "heartbeat": _seconds(positive=True),
+        "max_batch": _int(1, 100_000),
+        "ws_compress": _bool,
+    },
+    "log": {
+        "format": _choice("json", "plain"),
+        "level": _choice("debug", "info", "warning", "error"),
+    },
+    "schemas": {"files": _paths},
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The checked configuration: `section[key]` values plus the raw sources list.
+
+    Sources are checked by service.workers.plan_workers, which knows what
+    each kind takes.
+    """
+
+    sections: Mapping[str, Mapping[str, Any]]
+    sources: tuple[Mapping[str, Any], ...]
+    origin: str  # where it came from, for the start log line
+
+    def __getitem__(self, section: str) -> Mapping[str, Any]:
+        return self.sections[section]
+
+
+def builtin_toml() -> dict[str, Any]:
+    text = (importlib.resources.files("service.config") / "default.toml").read_text()
+    return tomllib.loads(text)
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
+
+
+def _merge(base: dict[str, Any], layer: Mapping[str, Any], where: str) -> None:
+    for name, value in layer.items():
+        if name == "sources":
+            if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
+                raise _fail(f"{where}sources", "must be an array of tables ([[sources]])", value)
+            base["sources"] = [dict(s) for s in value]
+            continue
+        if name not in SPEC:
+            known = ", ".join([*SPEC, "sources"])
+            raise ConfigError(f"{where}{name}: unknown section (known: {known})")
+        if not isinstance(value, dict):
+            raise _fail(f"{where}{name}", "must be a table", value)
+        for key, v in value.items():
+            if key not in SPEC[name]:
+                known = ", ".join(SPEC[name])
+                raise ConfigError(f"{where}{name}.{key}: unknown key (known: {known})")
+            base[name][key] = v
+
+
+def _env_value(text: str) -> Any:
+    """An env value as TOML would read it (numbers, booleans, lists), else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """RINGSTREAM_<SECTION>_<KEY> and RINGSTREAM_SOURCES_<i>_<KEY> variables."""
+    sections: dict[str, Any] = {}
+    sources: dict[int, dict[str, Any]] = {}
+    for var, text in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        if m := re.fullmatch(r"sources_(\d+)_(\w+)", rest):
+            sources.setdefault(int(m.group(1)), {})[m.group(2)] = _env_value(text)
+            continue
+        for section, keys in SPEC.items():
+            key = rest[len(section) + 1 :]
+            if rest.startswith(section + "_") and key in keys:
+                sections.setdefault(section, {})[key] = _env_value(text)
+                break
+        else:
+            raise ConfigError(
+                f"{var}: not a setting (expected RINGSTREAM_<SECTION>_<KEY>, such as "
+                "RINGSTREAM_SERVER_PORT, or RINGSTREAM_SOURCES_<index>_<KEY>)"
+            )
+    return sections, sources
+
+
+def load(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Built-in defaults, then the file at `path`, then env, then `overrides` (CLI)."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(ENV_PREFIX + "CONFIG") or None
+    raw = builtin_toml()
+    merged: dict[str, Any] = {name: dict(raw[name]) for name in SPEC}
+    merged["sources"] = [dict(s) for s in raw["sources"]]
+    if path:
+        _merge(merged, _read_file(path), f"{path}: ")
+    env_sections, env_sources = env_layer(environ)
+    _merge(merged, env_sections, "env RINGSTREAM_: ")
+    for index, keys in env_sources.items():
+        if index >= len(merged["sources"]):
+            raise ConfigError(
+                f"RINGSTREAM_SOURCES_{index}_*: there is no sources[{index}] "
+                f"({len(merged['sources'])} sources configured)"
+            )
+        merged["sources"][index].update(keys)
+    if overrides:
+        _merge(merged, overrides, "")
+    sections: dict[str, dict[str, Any]] = {}
+    for name, keys in SPEC.items():
+        sections[name] = {
+            key: check(merged[name][key], f"{name}.{key}") for key, check in keys.items()
+        }
+    _check_across(sections)
+    return Config(sections, tuple(merged["sources"]), path or "built-in")
+
+
+def _check_across(s: Mapping[str, Mapping[str, Any]]) -> None:
+    w = s["workers"]
+    if w["backoff_initial"] > w["backoff_max"]:
+        raise ConfigError(
+            f"workers.backoff_initial: must be <= workers.backoff_max "
+            f"({w['backoff_max']}), got {w['backoff_initial']}"
+        )
+    if s["subscribers"]["queue_bytes"] < 1:
+        raise ConfigError("subscribers.queue_bytes: must be at least 1 byte, got 0")

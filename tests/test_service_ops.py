@@ -1,0 +1,357 @@
+"""End to end, the service under pressure: slow subscribers, crashing workers,
+SIGTERM, bad configuration, a ring that does not fit, the exec source."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+import rs_testplugin
+from servicectl import BASE_CONFIG, Service, plugin_source, run_cli
+
+import ringcore
+
+
+def metric(svc: Service, name: str) -> float:
+    body = subprocess.run(
+        ["curl", "-s", svc.url("/metrics")], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+class StalledClient:
+    """A client that asks for the stream and then reads nothing: its socket
+    buffers fill and the service's writes to it block."""
+
+    def __init__(self, port: int, path: str) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+    def read_all(self) -> bytes:
+        chunks = []
+        self.sock.settimeout(30)
+        while chunk := self.sock.recv(1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def ndjson_records(response: bytes) -> list[dict]:
+    """The JSON lines of a raw HTTP/1.1 response with a chunked body."""
+    head, _, rest = response.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    body = bytearray()
+    while True:
+        assert rest, "the chunked body did not end with its last chunk: cut off"
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        body += rest[:size]
+        rest = rest[size + 2 :]
+    return [orjson.loads(line) for line in body.splitlines() if line]
+
+
+def curl_all(url: str, n: int) -> list[dict]:
+    proc = subprocess.Popen(["curl", "-N", "-s", "--max-time", "120", url], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    out: list[dict] = []
+    try:
+        for line in proc.stdout:
+            rec = orjson.loads(line)
+            out.append(rec)
+            if rec.get("seq") == n - 1:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    return out
+
+
+# no worker sources: the records come from an external producer
+NO_SOURCES = "sources = []\n"
+
+SLOW = """
+[consumer]
+batch = 256
+
+[subscribers]
+queue_records = 1000
+queue_bytes = "1MiB"
+history_records = 0
+heartbeat = 1.0
+policy = "{policy}"
+"""
+
+
+def _attached_producer(svc: Service) -> ringcore.Ring:
+    """A producer handle in this process, attached by name (no worker sources)."""
+    return ringcore.attach(str(svc.config_path.parent / "attach.sock"))
+
+
+def _write(ring: ringcore.Ring, first: int, n: int) -> None:
+    for seq in range(first, first + n):
+        r = rs_testplugin.record(seq)
+        while not ring.output(r):
+            time.sleep(0.0005)
+
+
+def test_slow_subscriber_drops_oldest_with_gap_markers_and_never_slows_others(
+    tmp_path: Path,
+) -> None:
+    n, step = 60_000, 500
+    config = NO_SOURCES + BASE_CONFIG.replace("[subscribers]\nheartbeat = 1.0\n", "")
+    with Service(tmp_path, config + SLOW.format(policy="drop-oldest")) as svc:
+        stalled = StalledClient(svc.port, "/events")
+        svc.wait_log("subscriber_connect", transport="ndjson")
+        fast = subprocess.Popen(["curl", "-N", "-s", svc.url("/events")], stdout=subprocess.PIPE)
+        svc.wait_log("subscriber_connect", subscriber=2)
+        assert fast.stdout is not None
+        ring = _attached_producer(svc)
+        got = []
+        # lockstep with the fast client, so only the stalled one can fall
+        # behind: its queue overflows, the fast one's never does
+        for first in range(0, n, step):
+            _write(ring, first, step)
+            for line in fast.stdout:
+                got.append(orjson.loads(line))
+                if len(got) == first + step:
+                    break
+        fast.kill()
+        fast.wait()
+        assert [r["seq"] for r in got] == list(range(n))  # the fast one lost nothing
+        dropped = metric(svc, 'ringstream_subscriber_dropped_records_total{transport="ndjson"}')
+        assert dropped > 0
+        # the stalled client reads at last, while the service drains and stops
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            response = pool.submit(stalled.read_all)
+            assert svc.terminate() == 0
+            lines = ndjson_records(response.result())
+        gaps = [r for r in lines if r["type"] == "gap"]
+        records = [r for r in lines if r["type"] != "gap"]
+        assert gaps and all(g["reason"] == "slow_subscriber" for g in gaps)
+        # everything is accounted for: received, or dropped and said so
+        assert len(records) + sum(g["dropped"] for g in gaps) == n
+        assert sum(g["dropped"] for g in gaps) == dropped
+        seq = [r["seq"] for r in records]
+        assert seq == sorted(seq) and seq[-1] == n - 1
+        for g in gaps:  # each marker sits between the ids it names
+            i = lines.index(g)
+            assert lines[i + 1]["id"] == g["next_id"]
+            if i > 0:
+                assert lines[i - 1]["id"] == g["after_id"]
+
+
+def test_slow_subscriber_policy_disconnect(tmp_path: Path) -> None:
+    config = NO_SOURCES + BASE_CONFIG.replace("[subscribers]\nheartbeat = 1.0\n", "")
+    with Service(tmp_path, config + SLOW.format(policy="disconnect")) as svc:
+        stalled = StalledClient(svc.port, "/events")
+        svc.wait_log("subscriber_connect")
+        ring = _attached_producer(svc)
+        seq = 0
+        while not any(e.get("event") == "subscriber_disconnect" for e in svc.logs):
+            _write(ring, seq, 1000)
+            seq += 1000
+            assert seq < 10_000_000, "the stalled subscriber was never disconnected"
+        gone = svc.wait_log("subscriber_disconnect")
+        assert gone["reason"] == "slow" and gone["transport"] == "ndjson"
+        assert metric(svc, 'ringstream_subscriber_disconnects_total{reason="slow"}') == 1
+        stalled.sock.close()
+
+
+@pytest.fixture(autouse=True)
+def _attach_socket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # every service in this module listens for external producers
+    monkeypatch.setenv("RINGSTREAM_RING_ATTACH_SOCKET", str(tmp_path / "attach.sock"))
+
+
+def test_crashing_worker_is_restarted_logged_and_counted(tmp_path: Path) -> None:
+    with Service(tmp_path, BASE_CONFIG + plugin_source(5, then="crash")) as svc:
+        first = svc.wait_log("worker_restart")
+        assert first["source"] == "plugin" and first["exitcode"] == 3
+        svc.wait_log("worker_restart", restarts=2)
+        assert metric(svc, 'ringstream_worker_restarts_total{source="plugin"}') >= 2
+        # the restarted worker's records arrive too
+        assert metric(svc, 'ringstream_records_total{outcome="submitted"}') >= 10
+        assert svc.terminate() == 0
+
+
+async def test_sigterm_drains_to_subscribers_and_exits_cleanly(tmp_path: Path) -> None:
+    config = (
+        BASE_CONFIG
+        + """
+[[sources]]
+kind = "synthetic"
+rate = 20000
+size = 64
+"""
+    )
+    with Service(tmp_path, config) as svc:
+        curl = subprocess.Popen(
+            ["curl", "-N", "-s", svc.url("/events?type=synthetic")], stdout=subprocess.PIPE
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(svc.ws_url("/ws?batch=1000")) as ws,
+        ):
+            await ws.receive_json(timeout=30)  # records are flowing
+            svc.proc.send_signal(signal.SIGTERM)
+            ws_records = 0
+            while True:
+                msg = await ws.receive(timeout=30)
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                ws_records += len(orjson.loads(msg.data))
+            assert msg.type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 1001  # going away
+        out, _ = curl.communicate(timeout=30)
+        assert curl.returncode == 0  # the chunked stream ended properly
+        assert svc.proc.wait(timeout=30) == 0
+        stop = svc.wait_log("stop")
+        records = [orjson.loads(line) for line in out.splitlines()]
+        assert stop["left_in_ring_bytes"] == 0
+        assert all(r["type"] == "synthetic" for r in records)  # no gap markers
+        # the stream ends with the last record taken from the ring: the
+        # drain reached the subscriber before the stream was closed
+        assert records[-1]["id"] == stop["last_id"]
+        seqs_by_worker: dict[int, list[int]] = {}
+        for r in records:
+            seqs_by_worker.setdefault(r["worker"], []).append(r["seq"])
+        for s in seqs_by_worker.values():
+            assert s == list(range(s[0], s[0] + len(s)))
+        assert ws_records > 0
+        readyz = [e for e in svc.logs if e.get("event") == "stopping"]
+        assert readyz
+
+
+def test_readyz_is_503_while_draining(tmp_path: Path) -> None:
+    # a subscriber that cannot take its records holds the drain open, long
+    # enough to see /readyz answer 503 while the service is still up
+    with Service(tmp_path, BASE_CONFIG + plugin_source(20_000)) as svc:
+        stalled = StalledClient(svc.port, "/events?from=0")
+        svc.wait_log("subscriber_connect")
+        svc.proc.send_signal(signal.SIGTERM)
+        svc.wait_log("stopping")
+        r = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", svc.url("/readyz")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.stdout in ("503", "000")  # 000: it finished stopping first
+        stalled.sock.close()
+        assert svc.proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("[server]\nshutdown_timeout = 'soon'\n", "server.shutdown_timeout: must be a number"),
+        ("[ring]\nsize = 1000\n", "ring.size"),
+        ("[subscribers]\npolicy = 'yolo'\n", "subscribers.policy: must be one of"),
+        ("[servr]\nport = 1\n", "servr: unknown section"),
+        ("[[sources]]\nkind = 'nope'\n", "sources[0].kind"),
+        ("[[sources]]\nkind = 'synthetic'\nrate = -5\n", "sources[0].rate"),
+        (
+            "[[sources]]\nkind = 'plugin'\ntarget = 'no_such_module:f'\n",
+            "sources[0].target: plugin target 'no_such_module:f': cannot import",
+        ),
+        ("[schemas]\nfiles = ['/nonexistent.toml']\n", "schemas.files"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
+def test_invalid_config_fails_at_start_naming_the_key(
+    tmp_path: Path, config: str, message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(config)
+    r = run_cli("serve", "--config", str(path), "--port", "0")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+
+
+def test_invalid_env_override_names_the_variable(tmp_path: Path) -> None:
+    r = run_cli("serve", "--port", "0", env={"RINGSTREAM_SUBSCRIBERS_QUEUE_RECORDS": "lots"})
+    assert r.returncode == 2
+    assert "subscribers.queue_records: must be an integer" in r.stderr
+
+
+def test_env_and_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nport = 1234\n[ring]\nsize = '2MiB'\n")
+    r = run_cli(
+        "config",
+        "--config",
+        str(path),
+        "--workers",
+        "3",
+        env={"RINGSTREAM_SERVER_PORT": "4321", "RINGSTREAM_SOURCES_1_RATE": "7"},
+    )
+    assert r.returncode == 0, r.stderr
+    cfg = orjson.loads(r.stdout)
+    assert cfg["server"]["port"] == 4321 and cfg["ring"]["size"] == 2 << 20
+    assert cfg["workers"]["count"] == 3 and cfg["sources"][1]["rate"] == 7
+
+
+@pytest.fixture
+def small_shm(tmp_path: Path):
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_ring_larger_than_shm_fails_at_start_naming_shm_size(small_shm: Path) -> None:
+    r = run_cli(
+        "serve",
+        "--port",
+        "0",
+        "--ring-size",
+        "16MiB",
+        env={"RINGSTREAM_RING_SHM_DIR": str(small_shm)},
+    )
+    assert r.returncode == 2
+    assert "--shm-size" in r.stderr and str(small_shm) in r.stderr
+
+
+async def test_default_config_streams_exec_events_of_real_processes(tmp_path: Path) -> None:
+    # the built-in configuration, as `ringstream serve` runs it
+    with Service(tmp_path, "", env={"RINGSTREAM_RING_SHM_DIR": "memfd"}) as svc:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            url = svc.url("/events?type=exec,exit&field.comm=sleep")
+            async with http.get(url) as resp:
+                # the exec source's first scan of /proc is its baseline (no
+                # events): children started before it are never "new". So
+                # start one after another until one is seen start and end.
+                seen: dict[str, dict] = {}
+                while "exec" not in seen:
+                    seen = {}
+                    # lives a few scans of /proc (exec.interval = 0.1 s)
+                    child = await asyncio.create_subprocess_exec("sleep", "0.7")
+                    async for line in resp.content:
+                        rec = orjson.loads(line)
+                        if rec["pid"] == child.pid:
+                            seen[rec["type"]] = rec
+                        if "exit" in seen:
+                            break
+                    await child.wait()
+        assert seen["exec"]["cmdline"] == "sleep 0.7"
+        assert seen["exec"]["filename"].endswith("/sleep")
+        assert seen["exec"]["uid"] == os.getuid()
+        assert seen["exit"]["comm"] == "sleep" and seen["exit"]["lifetime_ns"] > 0
+        assert svc.terminate() == 0
