@@ -16,6 +16,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import signal
 import time
 from typing import Any
@@ -106,6 +107,15 @@ def _check_plugins(specs: list[WorkerSpec]) -> None:
                 raise ConfigError(f"sources[{spec.index}].target: {e}") from None
 
 
+def _raise_fd_limit() -> None:
+    """Every subscriber is a socket: a soft limit of 1,024 descriptors would
+    cap them well below what the machine allows, so take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 class Service:
     """The running service; `run()` returns the process exit status."""
 
@@ -116,6 +126,7 @@ class Service:
 
     async def run(self) -> int:
         cfg = self.cfg
+        _raise_fd_limit()
         schemas = load_schemas(cfg)
         encoder = compile_encoder(schemas)
         count = cfg["workers"]["count"] or os.cpu_count() or 1

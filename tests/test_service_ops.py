@@ -355,3 +355,52 @@ async def test_default_config_streams_exec_events_of_real_processes(tmp_path: Pa
         assert seen["exec"]["uid"] == os.getuid()
         assert seen["exit"]["comm"] == "sleep" and seen["exit"]["lifetime_ns"] > 0
         assert svc.terminate() == 0
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_stays_bounded_with_1000_idle_subscribers(tmp_path: Path) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2200:
+        pytest.skip(f"needs 2,200 descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    config = (
+        NO_SOURCES
+        + BASE_CONFIG.replace("[subscribers]\nheartbeat = 1.0\n", "")
+        + '[subscribers]\nqueue_records = 2000\nqueue_bytes = "512KiB"\n'
+        + 'history_records = 10000\nhistory_bytes = "4MiB"\n'
+    )
+    with Service(tmp_path, config) as svc:
+        clients = [StalledClient(svc.port, "/events") for _ in range(1000)]
+        svc.wait_log("subscriber_connect", subscriber=1000)
+        fast = subprocess.Popen(["curl", "-N", "-s", svc.url("/events")], stdout=subprocess.PIPE)
+        svc.wait_log("subscriber_connect", subscriber=1001)
+        ring = _attached_producer(svc)
+        before = _rss_bytes(svc.proc.pid)
+        # 200,000 records, ~36 MB of JSON, to each of 1,000 clients that read
+        # nothing: unbounded queues would need ~36 GB
+        for first in range(0, 200_000, 10_000):
+            _write(ring, first, 10_000)
+        _write(ring, 200_000, 1)
+        assert fast.stdout is not None
+        for line in fast.stdout:  # the newest record is never dropped
+            if orjson.loads(line).get("seq") == 200_000:
+                break
+        fast.kill()
+        grown = _rss_bytes(svc.proc.pid) - before
+        dropped = metric(svc, 'ringstream_subscriber_dropped_records_total{transport="ndjson"}')
+        assert dropped > 0
+        assert metric(svc, 'ringstream_subscribers{transport="ndjson"}') == 1001
+        # each queue is bounded at 512 KiB of records it shares with the
+        # others; 1,000 of them must not grow the process by more than that
+        print(f"RSS grew {grown / 1e6:.0f} MB with 1,000 stalled subscribers")
+        assert grown < 1000 * 512 * 1024 // 2, f"RSS grew {grown / 1e6:.0f} MB"
+        for c in clients:
+            c.sock.close()
