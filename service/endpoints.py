@@ -131,10 +131,18 @@ async def events(request: web.Request) -> web.StreamResponse:
         reason = sub.closed or "client"
         if reason == "shutdown":
             await resp.write_eof()
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
         reason = sub.closed if sub.closed in ("shutdown", "slow") else "client"
+    except asyncio.CancelledError:
+        if sub.closed != "slow":
+            raise
+        reason = "slow"
     finally:
         st.hub.unsubscribe(sub, reason)
+    if reason == "slow" and request.transport is not None:
+        # disconnected by the policy, possibly in the middle of a write the
+        # client is not reading: drop the connection, nothing more to say
+        request.transport.abort()
     return resp
 
 
@@ -142,6 +150,7 @@ async def _run_stream(st: State, sub: Subscriber, writer: Any) -> None:
     task = asyncio.current_task()
     assert task is not None
     st.streams.add(task)
+    sub.writer = task
     try:
         await pump(
             st.hub,
@@ -188,7 +197,15 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         st.hub.unsubscribe(sub, reason)
         code = {"shutdown": WSCloseCode.GOING_AWAY, "slow": WSCloseCode.POLICY_VIOLATION}
         if not ws.closed:
-            await ws.close(code=code.get(reason, WSCloseCode.OK), message=reason.encode())
+            try:
+                # a client that reads nothing cannot take a close frame either
+                await asyncio.wait_for(
+                    ws.close(code=code.get(reason, WSCloseCode.OK), message=reason.encode()),
+                    2.0,
+                )
+            except (TimeoutError, ConnectionResetError):
+                if request.transport is not None:
+                    request.transport.abort()
         st.websockets.discard(ws)
     return ws
 

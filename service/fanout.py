@@ -124,6 +124,10 @@ class Subscriber:
         self.delivered = 0
         self.closed: str | None = None  # disconnect reason, once closed
         self.wake = asyncio.Event()
+        # the task writing to this subscriber: cancelled when the policy
+        # disconnects it, since that task may be stuck in a write to a client
+        # that reads nothing
+        self.writer: asyncio.Task[None] | None = None
 
     def push(self, batch: Batch) -> int:
         """Queue a published batch; returns records dropped by the policy."""
@@ -242,6 +246,8 @@ class Hub:
                         "subscriber too slow: disconnected",
                         extra={"event": "subscriber_slow", "subscriber": sub.id},
                     )
+                    if sub.writer is not None:
+                        sub.writer.cancel()
 
     def subscribe(
         self, transport: str, peer: str, flt: Filter | None, after: int | None

@@ -130,6 +130,19 @@ class Service:
             except queue.Empty:
                 pass
 
+    def errors(self) -> list[str]:
+        """Log lines at error level or above, and anything not JSON (tracebacks)."""
+        bad = []
+        for line in self.lines:
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                bad.append(line)
+                continue
+            if not isinstance(entry, dict) or entry.get("level") in ("error", "critical"):
+                bad.append(line)
+        return bad
+
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 

@@ -23,6 +23,8 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     with Service(tmp, BASE_CONFIG + plugin_source(N)) as s:
         # the history keeps all N records: every test can start from=0
         yield s
+        assert s.terminate() == 0
+        assert s.errors() == []
 
 
 def curl_lines(url: str, n: int) -> list[dict[str, object]]:
