@@ -44,7 +44,7 @@ class StartupError(Exception):
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n} bytes"
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 def create_ring(cfg: Config) -> ringcore.Ring:
