@@ -97,6 +97,21 @@ def load_schemas(cfg: Config) -> list[Any]:
     return schemas
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU
+    quota (docker run --cpus, a Kubernetes CPU limit), which os.cpu_count()
+    ignores."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 def _check_plugins(specs: list[WorkerSpec]) -> None:
     """Import plugin targets now: a typo fails the start, not a worker later."""
     for spec in specs:
@@ -129,7 +144,7 @@ class Service:
         _raise_fd_limit()
         schemas = load_schemas(cfg)
         encoder = compile_encoder(schemas)
-        count = cfg["workers"]["count"] or os.cpu_count() or 1
+        count = cfg["workers"]["count"] or available_cpus()
         try:
             specs = plan_workers([dict(s) for s in cfg.sources], count)
         except SourceConfigError as e:
@@ -177,16 +192,18 @@ class Service:
             settings=subs,
             batch=cfg["consumer"]["batch"],
         )
-        registry.register(
-            ServiceCollector(
-                ring,
-                hub,
-                supervisor,
-                encoder,
-                supervisor.source_of,
-                lambda: st.phase == "ready",
-            )
+        collector = ServiceCollector(
+            ring,
+            hub,
+            supervisor,
+            encoder,
+            supervisor.source_of,
+            lambda: st.phase == "ready",
         )
+        # a series per source from the start, so the first refusals show in rate()
+        for kind in {*(s.kind for s in specs), "external"}:
+            collector.slots.failures[kind] += 0
+        registry.register(collector)
         attach = None
         if cfg["ring"]["attach_socket"]:
             uids = {os.getuid(), *cfg["ring"]["attach_uids"]}

@@ -365,6 +365,22 @@ async def test_default_config_streams_exec_events_of_real_processes(tmp_path: Pa
         assert svc.terminate() == 0
 
 
+def test_reserve_failures_are_counted_per_source(tmp_path: Path) -> None:
+    with Service(tmp_path, NO_SOURCES + BASE_CONFIG) as svc:
+        assert metric(svc, 'ringstream_reserve_failures_total{source="external"}') == 0
+        ring = _attached_producer(svc)
+        held = ring.reserve(1000)  # the consumer cannot pass this record yet
+        assert held is not None
+        written = 0
+        while ring.output(b"x" * 1000):
+            written += 1
+        assert not ring.output(b"y" * 1000)
+        assert metric(svc, 'ringstream_reserve_failures_total{source="external"}') == 2
+        held.submit()
+        assert svc.terminate() == 0
+        assert svc.wait_log("stop")["consumed_records"] == written + 1
+
+
 def _rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
