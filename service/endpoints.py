@@ -170,9 +170,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         raise _unavailable(st)
     batch = None
     if "batch" in request.query:
-        batch = _id(request.query["batch"], "batch")
-        if not 1 <= batch <= st.settings["max_batch"]:
-            raise _bad(f"batch: must be between 1 and {st.settings['max_batch']}, got {batch}")
+        text, most = request.query["batch"], st.settings["max_batch"]
+        batch = int(text) if text.isdigit() else 0
+        if not 1 <= batch <= most:
+            raise _bad(f"batch: must be an integer between 1 and {most}, got {text!r}")
     after = _resume(request)
     flt = _filter(st, request, WS_PARAMS)
     ws = web.WebSocketResponse(
