@@ -1,4 +1,4 @@
-"""The C core builds warning-free, and the stress and model tests pass under ASan + UBSan.
+"""The C core builds warning-free; the stress, model and encoder tests pass under ASan + UBSan.
 
 The sanitizer test builds an instrumented copy of the extension into a temporary
 directory and runs tests/test_stress.py and tests/test_model.py against it in a
@@ -196,7 +196,10 @@ def test_stress_under_asan_ubsan(tmp_path):
     # the test process aborts and is not seen while a producer's stall runs
     # out; with it, the report reaches run.stderr and run_watched stops the run
     (tmp_path / "ringcore_build_guard.py").write_text(GUARD_PLUGIN)
-    tests = [str(ROOT / "tests" / "test_stress.py"), str(ROOT / "tests" / "test_model.py")]
+    tests = [
+        str(ROOT / "tests" / name)
+        for name in ("test_stress.py", "test_model.py", "test_encoder.py")
+    ]
     cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider"]
     cmd += ["-p", "ringcore_build_guard", *tests]
     r, report = run_watched(cmd, tmp_path, env, timeout=900)
