@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import os
 import resource
@@ -165,6 +166,7 @@ class Service:
             hub,
             batch=cfg["consumer"]["batch"],
             stall_recheck=cfg["consumer"]["stall_recheck"],
+            coalesce=cfg["consumer"]["coalesce"],
         )
         try:
             supervisor = Supervisor(
@@ -178,7 +180,8 @@ class Service:
         except SourceConfigError as e:
             raise ConfigError(str(e)) from None
         registry = CollectorRegistry(auto_describe=True)
-        latency = Latency(registry)
+        latency = Latency()
+        registry.register(latency)
         st = State(
             ring=ring,
             hub=hub,
@@ -231,6 +234,9 @@ class Service:
         consumer.start()
         await supervisor.start()
         st.phase = "ready"
+        # what start-up built lives as long as the service: keep it out of
+        # every full collection's scan
+        gc.freeze()
         log.info(
             "started",
             extra={

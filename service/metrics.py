@@ -12,16 +12,24 @@ from __future__ import annotations
 
 import platform
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import disable_created_metrics
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 import ringcore
 from service import __version__
+from service.batch import Batch
 from service.fanout import TRANSPORTS, Hub
 
 # *_created series double what a scrape carries and nothing here reads them
@@ -80,24 +88,55 @@ class SlotAttribution:
         return self.failures
 
 
-class Latency:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.histogram = Histogram(
-            "ringstream_delivery_latency_seconds",
-            "Time from a record's submit (its producer's timestamp) to its write "
-            f"to a subscriber; up to {LATENCY_SAMPLES} records sampled per write.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
+class Latency(Collector):
+    """Submit-to-write latency of every record written to a subscriber.
 
-    def observe(self, ts_ns: list[int]) -> None:
-        if not ts_ns:
+    Every record counts once in the histogram, but its latency is estimated:
+    a write of n records takes at most LATENCY_SAMPLES evenly spaced samples,
+    each standing for its share of the n (per-record observation cost a
+    fifth of a core at 1 M records/s). A backlog written at once after a
+    stall therefore weighs what it holds, not one sample.
+    """
+
+    def __init__(self) -> None:
+        self.bounds = LATENCY_BUCKETS
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: above every bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, batches: list[Batch]) -> None:
+        n = sum(len(b) for b in batches)
+        if not n:
             return
         now = time.time_ns()
-        step = max(1, len(ts_ns) // LATENCY_SAMPLES)
-        observe = self.histogram.observe
-        for t in ts_ns[::step]:
-            observe(max(0, now - t) / 1e9)
+        ts = list(chain.from_iterable(b.ts_ns for b in batches))
+        samples = ts[:: max(1, n // LATENCY_SAMPLES)]
+        base, extra = divmod(n, len(samples))
+        counts, bounds = self.counts, self.bounds
+        total = 0.0
+        for i, t in enumerate(samples):
+            seconds = max(0, now - t) / 1e9
+            weight = base + (i < extra)
+            counts[bisect_left(bounds, seconds)] += weight
+            total += seconds * weight
+        self.sum += total
+        self.count += n
+
+    def collect(self) -> Iterator[Metric]:
+        buckets = []
+        cumulative = 0
+        for bound, c in zip(self.bounds, self.counts, strict=False):
+            cumulative += c
+            buckets.append((repr(float(bound)), cumulative))
+        buckets.append(("+Inf", self.count))
+        yield HistogramMetricFamily(
+            "ringstream_delivery_latency_seconds",
+            "Time from a record's submit (its producer's timestamp) to its write to a "
+            f"subscriber, every record counted, estimated from up to {LATENCY_SAMPLES} "
+            "samples per write.",
+            buckets=buckets,
+            sum_value=self.sum,
+        )
 
 
 class ServiceCollector(Collector):

@@ -123,6 +123,7 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     },
     "consumer": {
         "batch": _int(1, 1 << 20),
+        "coalesce": _seconds(),
         "stall_recheck": _seconds(positive=True),
     },
     "subscribers": {
