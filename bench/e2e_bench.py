@@ -57,7 +57,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import pstats
 import re
 import shutil
@@ -72,6 +71,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from machine import describe as describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,20 +117,6 @@ size = 64
 
 
 # --- the machine ----------------------------------------------------------------
-
-
-def machine() -> str:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{cpu}; {os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}); "
-        f"Linux {platform.release()}; Python {platform.python_version()} "
-        f"({platform.python_implementation()})"
-    )
 
 
 # --- the clients (each runs in its own process) -----------------------------------
@@ -836,7 +823,7 @@ def main() -> int:
     ladder = [float(x) for x in args.ladder.split(",") if x]
     t_begin = time.monotonic()
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     b0 = _machine_cpu()
     time.sleep(0.5)
     b1 = _machine_cpu()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import struct
@@ -37,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from machine import describe as describe_machine  # noqa: E402
 
 import ringcore  # noqa: E402
 from service import schema as S  # noqa: E402
@@ -116,21 +117,6 @@ def list_rate(pairs: list[tuple[int, bytes]], encode: Callable[[], int], reps: i
     return n / (time.perf_counter() - t0)
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
-        f"Python {platform.python_version()} ({platform.python_implementation()})"
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
@@ -150,7 +136,7 @@ def main() -> None:
     rnd = random.Random(1)
     kinds = [("synthetic, 64 B", synthetic_records(rnd)), ("exec, 428 B", exec_records(rnd))]
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     print(
         f"median of {args.repeat} runs; a {RING_SIZE >> 20} MiB ring drained "
         f"{args.batch or 'all'} records a call; records/s into JSON lines"

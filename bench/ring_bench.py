@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import pickle
-import platform
 import socket
 import statistics
 import subprocess
@@ -38,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from machine import describe as describe_machine  # noqa: E402
 
 import ringcore  # noqa: E402
 
@@ -410,21 +410,6 @@ def run_c_bench(records: int) -> str:
     ).stdout
 
 
-def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cpus, Linux {platform.release()}, "
-        f"Python {platform.python_version()}"
-    )
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=2_000_000, help="per producer, for ringcore")
@@ -433,7 +418,7 @@ def main() -> int:
     ap.add_argument("--no-c", action="store_true", help="skip the C-level benchmark")
     args = ap.parse_args()
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     print(f"records per producer: {args.records} for ringcore (peers scaled down), batch {BATCH}")
     results: dict[tuple[str, int, int], float] = {}
     for producers in (1, 2):

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -42,6 +41,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from machine import describe as describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -202,19 +203,6 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def machine() -> str:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{cpu}; {os.cpu_count()} CPUs; Linux {platform.release()}; "
-        f"Python {platform.python_version()}"
-    )
-
-
 def check_same_bytes(port: int) -> str:
     """hand and lib must send the same events: compare the de-chunked bodies."""
     bodies = {}
@@ -234,7 +222,7 @@ def main() -> int:
     args = ap.parse_args()
     from importlib.metadata import version
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     print(
         f"aiohttp {version('aiohttp')}, aiohttp-sse {version('aiohttp-sse')}"
         f", uvloop; N = {args.records:,} records per run, median of {args.repeat}"

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,15 @@ class Service:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    """(status, body) of a GET, whatever the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
 
 
 def run_cli(

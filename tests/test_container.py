@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from servicectl import http_get
 
 pytestmark = pytest.mark.container
 
@@ -135,14 +136,6 @@ class Container:
             podman("rm", "--force", "--time", "0", self.name, check=False)
             self.proc.kill()
             self.proc.wait()
-
-
-def http_get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def wait_healthy(url: str) -> bytes:

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
-from servicectl import BASE_CONFIG, ROOT, Service, plugin_source
+from servicectl import BASE_CONFIG, ROOT, Service, http_get, plugin_source
 
 import ringcore
 from service.settings import load as load_config
@@ -116,14 +116,6 @@ def test_alert_rules_are_labelled_annotated_and_unit_tested_both_ways() -> None:
 
 
 # ---------------------------------------------------------------- live stack
-
-
-def http_get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def get_json(url: str) -> Any:

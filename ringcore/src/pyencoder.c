@@ -583,25 +583,6 @@ static int emit(EncoderObject *self, struct out_lists *o, uint64_t pos,
 	return 0;
 }
 
-/* Borrow the bytes of a bytes object (fast) or any C-contiguous buffer;
- * view->obj is NULL when nothing needs releasing. */
-static int get_bytes(PyObject *obj, Py_buffer *view)
-{
-	if (PyBytes_CheckExact(obj)) {
-		view->obj = NULL;
-		view->buf = PyBytes_AS_STRING(obj);
-		view->len = PyBytes_GET_SIZE(obj);
-		return 0;
-	}
-	return PyObject_GetBuffer(obj, view, PyBUF_SIMPLE);
-}
-
-static void put_bytes(Py_buffer *view)
-{
-	if (view->obj)
-		PyBuffer_Release(view);
-}
-
 static PyObject *Encoder_encode(EncoderObject *self, PyObject *const *args,
 				Py_ssize_t nargs, PyObject *kwnames)
 {

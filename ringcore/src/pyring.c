@@ -279,25 +279,6 @@ static PyObject *Ring_exit(RingObject *self, PyObject *const *Py_UNUSED(args),
 
 /* --- producing ----------------------------------------------------------- */
 
-/* Borrow a byte range from a bytes object (fast) or any C-contiguous buffer.
- * view->obj is NULL when nothing needs releasing. */
-static int get_bytes(PyObject *obj, Py_buffer *view)
-{
-	if (PyBytes_CheckExact(obj)) {
-		view->obj = NULL;
-		view->buf = PyBytes_AS_STRING(obj);
-		view->len = PyBytes_GET_SIZE(obj);
-		return 0;
-	}
-	return PyObject_GetBuffer(obj, view, PyBUF_SIMPLE);
-}
-
-static void put_bytes(Py_buffer *view)
-{
-	if (view->obj)
-		PyBuffer_Release(view);
-}
-
 static int check_record_size(RingObject *self, Py_ssize_t size)
 {
 	uint64_t max = rc_max_payload(&self->ring);

@@ -92,4 +92,24 @@ int parse_seconds(PyObject *obj, const char *name, double *out);
 /* drain r into list (bytes, or (position, bytes) pairs) */
 int consume_list(struct rc_ring *r, PyObject *list, uint64_t max, int with_pos);
 
+/* Borrow a byte range from a bytes object (fast) or any C-contiguous buffer.
+ * view->obj is NULL when nothing needs releasing. Inline: output() calls it
+ * once per record. */
+static inline int get_bytes(PyObject *obj, Py_buffer *view)
+{
+	if (PyBytes_CheckExact(obj)) {
+		view->obj = NULL;
+		view->buf = PyBytes_AS_STRING(obj);
+		view->len = PyBytes_GET_SIZE(obj);
+		return 0;
+	}
+	return PyObject_GetBuffer(obj, view, PyBUF_SIMPLE);
+}
+
+static inline void put_bytes(Py_buffer *view)
+{
+	if (view->obj)
+		PyBuffer_Release(view);
+}
+
 #endif /* PYRINGCORE_H */

@@ -1,0 +1,23 @@
+"""What every benchmark prints first: the machine its figures come from."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def describe() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}; {os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}); "
+        f"Linux {platform.release()}; Python {platform.python_version()} "
+        f"({platform.python_implementation()})"
+    )
