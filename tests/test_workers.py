@@ -166,12 +166,16 @@ def test_struct_formats_match_schemas_toml() -> None:
 def test_plan_default_config() -> None:
     sources = tomllib.loads((ROOT / "config" / "default.toml").read_text())["sources"]
     specs = plan_workers(sources, 4)
+    # exec in one worker, synthetic ("auto") in the other three, the rate split
     assert [(s.kind, s.instance, s.instances, s.index) for s in specs] == [
         ("exec", 0, 1, 0),
-        ("synthetic", 0, 1, 1),
+        ("synthetic", 0, 3, 1),
+        ("synthetic", 1, 3, 1),
+        ("synthetic", 2, 3, 1),
     ]
     assert specs[0].options == {"interval": 0.1, "existing": False}
-    assert specs[1].options == {"rate": 5.0, "size": 64, "mix": {"synthetic": 1.0}}
+    assert sum(s.options["rate"] for s in specs[1:]) == pytest.approx(5.0)
+    assert all(s.options["size"] == 64 for s in specs[1:])
 
 
 def test_plan_auto_takes_the_spare_workers_and_splits_the_rate() -> None:
