@@ -124,7 +124,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     )
     await resp.prepare(request)
     sub = st.hub.subscribe(fmt, _peer(request), flt, after)
-    writer = SseWriter(resp) if fmt == "sse" else NdjsonWriter(resp)
+    writer = SseWriter(resp) if fmt == "sse" else NdjsonWriter(resp, request.transport)
     reason = "client"
     try:
         await _run_stream(st, sub, writer)
@@ -136,6 +136,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         if sub.closed != "slow":
             raise
+        # the policy's cancel, not the server's: this handler goes on
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
         reason = "slow"
     finally:
         st.hub.unsubscribe(sub, reason)

@@ -164,7 +164,10 @@ class Subscriber:
             else:  # trim the only batch from its front
                 cut = max(over_r, _bytes_prefix(head, over_b))
                 rest = head.slice(cut)
-                self.queue[0] = rest
+                if rest.lines:
+                    self.queue[0] = rest
+                else:  # a record bigger than queue_bytes: nothing stays
+                    self.queue.popleft()
                 n, nb = cut, head.nbytes - rest.nbytes
                 lost_last = head.positions[cut - 1]
             if first_lost is None:
@@ -236,9 +239,18 @@ class Hub:
     def publish(self, batch: Batch) -> None:
         self.published += len(batch)
         self.history.append(batch)
-        for sub in self.subscribers.values():
+        for sub in list(self.subscribers.values()):
             if sub.closed is None:
-                dropped = sub.push(batch)
+                try:
+                    dropped = sub.push(batch)
+                except Exception:
+                    # a bug in one subscriber's path must not cost the others
+                    # their records, nor stop the consumer that called us
+                    log.exception("subscriber failed", extra={"event": "subscriber_error"})
+                    sub.close("error")
+                    if sub.writer is not None:
+                        sub.writer.cancel()
+                    continue
                 if dropped:
                     self.dropped[sub.transport] += dropped
                 elif sub.closed == "slow":
@@ -270,9 +282,12 @@ class Hub:
         elif after is not None and after > self.history.last:
             # an id from before a restart (positions start again at 0), or
             # made up: say so, and replay all there is
-            sub.replay_gap = Gap("unknown_id", after)
-            sub.cursor = -1
-            sub.replay_until = self.history.last
+            if self.history.last < 0:  # nothing to replay: before the first record
+                sub.gap = Gap("unknown_id", after)
+            else:
+                sub.replay_gap = Gap("unknown_id", after)
+                sub.cursor = -1
+                sub.replay_until = self.history.last
             sub.wake.set()
         self.subscribers[sub.id] = sub
         log.info(

@@ -118,6 +118,8 @@ class FilterSchema:
         items: list[tuple[str, object]] = []
         for key, v in value.items():
             if key == "type" and isinstance(v, list):
+                if not v:
+                    raise FilterError("type: must name at least one record type, got []")
                 items.extend(("type", name) for name in v)
             else:
                 items.append((key, v))
@@ -125,9 +127,10 @@ class FilterSchema:
 
 
 def _names(value: object, key: str) -> list[str]:
-    if not isinstance(value, str) or not value:
+    names = [n for n in value.split(",") if n] if isinstance(value, str) else []
+    if not names:
         raise FilterError(f"{key}: must be a record type name, got {value!r}")
-    return [n for n in value.split(",") if n]
+    return names
 
 
 def _sample(value: object) -> int:

@@ -28,8 +28,9 @@ class Writer(Protocol):
 
 
 class NdjsonWriter:
-    def __init__(self, resp: web.StreamResponse) -> None:
+    def __init__(self, resp: web.StreamResponse, transport: asyncio.BaseTransport | None) -> None:
         self.resp = resp
+        self.transport = transport
 
     async def records(self, batches: list[Batch]) -> None:
         lines = list(chain.from_iterable(b.lines for b in batches))
@@ -41,7 +42,11 @@ class NdjsonWriter:
         await self.resp.write(orjson.dumps(marker) + b"\n")
 
     async def heartbeat(self) -> None:
-        pass  # a blank line would break strict NDJSON readers; TCP keeps it open
+        # Nothing to write (a blank line would break strict NDJSON readers),
+        # but a client that left must be noticed: aiohttp does not cancel the
+        # handler, and with no records to write nothing else would find out.
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("client gone")
 
 
 class SseWriter:
@@ -99,7 +104,9 @@ async def pump(
     replay_limit: int,
 ) -> None:
     """Feed `sub` to `out` until the subscriber is closed; on shutdown, flush first."""
-    while sub.replay_until >= 0 and sub.closed is None:
+    # a shutdown lets the replay finish: the live queue holds only records
+    # after it, and flushing those alone would skip the rest unannounced
+    while sub.replay_until >= 0 and sub.closed in (None, "shutdown"):
         for gap, part in hub.replay(sub, replay_limit):
             if gap is not None:
                 await out.gap(gap.marker(part.first if part else None))

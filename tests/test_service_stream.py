@@ -231,3 +231,14 @@ def test_metrics_pass_promtool_and_read_the_ring_live(svc: Service, tmp_path: Pa
     assert values['ringstream_records_total{outcome="submitted"}'] == N
     assert values["ringstream_ring_size_bytes"] == 1 << 20
     assert values["ringstream_delivery_latency_seconds_count"] > 0
+
+
+def test_an_idle_ndjson_client_that_leaves_is_noticed(svc: Service) -> None:
+    # its filter matches nothing, so no write ever fails; the heartbeat
+    # (1 s here) finds the closed connection
+    proc = subprocess.Popen(["curl", "-N", "-s", svc.url("/events?type=raw&sample=7")])
+    connect = svc.wait_log("subscriber_connect", filter={"type": ["raw"], "sample": 7})
+    proc.kill()
+    proc.wait()
+    gone = svc.wait_log("subscriber_disconnect", subscriber=connect["subscriber"])
+    assert gone["reason"] == "client"

@@ -1,0 +1,153 @@
+"""The fan-out on its own: bounded queues, gap markers, history replay.
+
+A randomized run checks what the end-to-end tests can only sample: whatever
+the queue and history bounds, the resume point and the interleaving of
+publishes and writes, every subscriber gets records in order, once, and each
+record it does not get is inside a gap marker that says so (with the exact
+count for records the policy dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from service.batch import Batch
+from service.fanout import Hub
+from service.metrics import Latency
+from service.streams import pump
+
+
+class Recorder:
+    """A Writer that keeps what it was given: ("r", id) and ("g", marker)."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.out: list[tuple[str, object]] = []
+        self.rng = rng
+
+    async def records(self, batches: list[Batch]) -> None:
+        for b in batches:
+            self.out += [("r", p) for p in b.positions]
+        for _ in range(self.rng.randint(0, 3) if self.rng else 1):
+            await asyncio.sleep(0)  # a client of varying speed
+
+    async def gap(self, marker: dict[str, object]) -> None:
+        self.out.append(("g", marker))
+        await asyncio.sleep(0)
+
+    async def heartbeat(self) -> None:
+        pass
+
+    def ids(self) -> list[object]:
+        return [v for k, v in self.out if k == "r"]
+
+
+def batch(ids: list[int], sizes: list[int] | None = None) -> Batch:
+    sizes = sizes or [10] * len(ids)
+    return Batch.of([b"x" * s for s in sizes], ids, [0] * len(ids), [1] * len(ids))
+
+
+def hub(**bounds: int) -> Hub:
+    kw = {
+        "queue_records": 1000,
+        "queue_bytes": 10**6,
+        "history_records": 1000,
+        "history_bytes": 10**6,
+        **bounds,
+    }
+    return Hub(policy="drop-oldest", **kw)
+
+
+async def test_a_record_larger_than_the_queue_is_dropped_with_a_marker() -> None:
+    h = hub(queue_records=100, queue_bytes=100)
+    a = h.subscribe("ndjson", "p", None, None)
+    b = h.subscribe("ndjson", "p", None, None)
+    for i, size in enumerate([150, 60, 60]):
+        h.publish(batch([8 * i], [size]))
+    out = Recorder()
+    h.close_all("shutdown")
+    await pump(h, a, out, Latency(), heartbeat=5, replay_limit=10)
+    # 0 (150 B) never fits; 8 and 16 (60 B each) do not fit together
+    assert out.ids() == [16]
+    assert out.out[0] == ("g", {"type": "gap", "reason": "slow_subscriber", "after_id": -1,
+                                "next_id": 16, "dropped": 2})  # fmt: skip
+    assert b.queue and all(len(x) for x in b.queue)  # no empty batch left behind
+
+
+async def test_shutdown_during_a_replay_finishes_the_replay() -> None:
+    h = hub()
+    for i in range(10):
+        h.publish(batch([8 * i]))
+    sub = h.subscribe("ndjson", "p", None, 0)
+    out = Recorder()
+    task = asyncio.create_task(pump(h, sub, out, Latency(), heartbeat=5, replay_limit=2))
+    await asyncio.sleep(0)
+    h.publish(batch([80]))
+    h.close_all("shutdown")
+    await task
+    assert out.ids() == list(range(8, 88, 8))
+
+
+async def test_an_unknown_id_before_any_record_gets_a_marker() -> None:
+    h = hub()
+    sub = h.subscribe("ndjson", "p", None, 5000)  # from before a restart
+    h.publish(batch([0, 8]))
+    out = Recorder()
+    h.close_all("shutdown")
+    await pump(h, sub, out, Latency(), heartbeat=5, replay_limit=2)
+    assert out.out[0][0] == "g" and out.out[0][1]["reason"] == "unknown_id"  # type: ignore[index]
+    assert out.ids() == [0, 8]
+
+
+@pytest.mark.parametrize("seed", range(300))
+async def test_random_bounds_and_interleavings_lose_nothing_unannounced(seed: int) -> None:
+    rng = random.Random(seed)
+    h = hub(
+        queue_records=rng.randint(1, 30),
+        queue_bytes=rng.randint(50, 400),
+        history_records=rng.randint(0, 40),
+        history_bytes=rng.randint(50, 600),
+    )
+    published: list[int] = []
+
+    def publish() -> None:
+        n = rng.randint(1, 6)
+        ids = [len(published) * 8 + 8 * i for i in range(n)]
+        published.extend(ids)
+        h.publish(batch(ids, [rng.randint(1, 20) for _ in ids]))
+
+    for _ in range(rng.randint(0, 10)):
+        publish()
+    runs = []
+    for _ in range(3):
+        after = rng.choice([None, -1, *published[-30:]])
+        sub = h.subscribe("ndjson", "p", None, after)
+        out = Recorder(rng)
+        limit = rng.randint(1, 5)
+        task = asyncio.create_task(pump(h, sub, out, Latency(), heartbeat=5, replay_limit=limit))
+        runs.append((after, h.history.last, out, task))
+    for _ in range(rng.randint(0, 60)):
+        publish()
+        for _ in range(rng.randint(0, 3)):
+            await asyncio.sleep(0)
+    h.close_all("shutdown")
+    for after, live_from, out, task in runs:
+        await task
+        got = out.ids()
+        assert got == sorted(set(got)), "out of order or repeated"
+        start = live_from if after is None else after
+        expected = [p for p in published if p > start]
+        covered: set[int] = set()
+        for i, (kind, m) in enumerate(out.out):
+            if kind != "g":
+                continue
+            assert isinstance(m, dict)
+            following = [v for k, v in out.out[i + 1 :] if k == "r"]
+            hi = m.get("next_id", following[0] if following else 1 << 60)
+            lost = {p for p in published if m["after_id"] < p < hi}
+            if m["reason"] == "slow_subscriber":
+                assert m["dropped"] == len(lost)
+            covered |= lost
+        assert [p for p in expected if p not in got and p not in covered] == []
