@@ -6,6 +6,7 @@
  * Every writer below assumes the room for its output was reserved before
  * (the record's bound, see enc_finish_schema()), so none of them checks.
  */
+#include <float.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -253,6 +254,69 @@ static char *put_digits17(char *p, uint64_t q, int x)
 }
 #endif /* __SIZEOF_INT128__ */
 
+/*
+ * 17 digits always read back as the same double, but most doubles (those
+ * that came from a decimal of 15 digits or fewer, such as 0.021) have a
+ * shorter text that also does: 0.021 rather than 0.021000000000000001. Try
+ * 15 and 16 digits first, keeping the first that strtod() reads back
+ * exactly; trailing zeros then go, so 0.5 stays "0.5". The result may be a
+ * digit longer than the very shortest (Python's repr searches all texts of
+ * 16 digits, this tries the nearest one), never wrong.
+ */
+static int reads_back(const char *text, size_t len, double v)
+{
+	char buf[ENC_DOUBLE_MAX];
+
+	memcpy(buf, text, len);
+	buf[len] = 0;
+	return strtod(buf, NULL) == v;
+}
+
+#ifdef __SIZEOF_INT128__
+static char *put_shortest(char *p, uint64_t q, int x, double v)
+{
+	for (int nd = 15; nd <= 16; nd++) {
+		/* A normal double is within half an ulp (< 11.2 units of q's
+		 * last digit, q < 1e17) of any text that reads back as it. A
+		 * 15-digit text is a multiple of 100 in those units, so when q
+		 * is far from one, skip the strtod() that would say no: most
+		 * doubles that did not come from a short decimal end here. */
+		if (nd == 15 && v >= DBL_MIN && q % 100 > 15 && q % 100 < 85)
+			continue;
+		uint64_t div = pow10_u64[17 - nd], r = q % div, t = q / div;
+		uint64_t half = div / 2;
+		int xx = x;
+		char *end;
+
+		/* round to nd digits, ties to even */
+		if (r > half || (r == half && (t & 1)))
+			t++;
+		if (t == pow10_u64[nd]) { /* 9.99..95 became 10.0 */
+			t = pow10_u64[nd - 1];
+			xx++;
+		}
+		end = put_digits17(p, t * div, xx);
+		if (reads_back(p, (size_t)(end - p), v))
+			return end;
+	}
+	return put_digits17(p, q, x);
+}
+#endif
+
+/* outside the fast path's range: printf, shortest of 15-17 digits that
+ * reads back */
+static int snprintf_shortest(char *p, double v)
+{
+	int n = 0;
+
+	for (int nd = 15; nd <= 17; nd++) {
+		n = snprintf(p, ENC_DOUBLE_MAX - 1, "%.*g", nd, v);
+		if (reads_back(p, (size_t)n, v))
+			break;
+	}
+	return n;
+}
+
 char *enc_put_double(char *p, double d)
 {
 	uint64_t bits, m;
@@ -280,11 +344,11 @@ char *enc_put_double(char *p, double d)
 		if (exp)
 			m |= 1ULL << 52;
 		if (digits17(m, exp ? exp - 1075 : -1074, &q, &x))
-			return put_digits17(p, q, x);
+			return put_shortest(p, q, x, d < 0 ? -d : d);
 	}
 #endif
 	start = p;
-	p += snprintf(p, ENC_DOUBLE_MAX - 1, "%.17g", d < 0 ? -d : d);
+	p += snprintf_shortest(p, d < 0 ? -d : d);
 	if (!memchr(start, '.', (size_t)(p - start)) &&
 	    !memchr(start, 'e', (size_t)(p - start))) {
 		memcpy(p, ".0", 2);
