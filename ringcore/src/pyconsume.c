@@ -73,6 +73,15 @@ static int collect(void *ctx, uint64_t pos, const void *data, uint32_t size)
 	return 0;
 }
 
+PyObject *raise_corrupt(struct rc_ring *r)
+{
+	PyErr_Format(RingCorruptedError,
+		     "corrupt record header or positions at consumer position "
+		     "%llu",
+		     (unsigned long long)atomic_load(&r->cons->consumer_pos));
+	return NULL;
+}
+
 int consume_list(struct rc_ring *r, PyObject *list, uint64_t max, int with_pos)
 {
 	struct collect_ctx c = {list, with_pos, 0};
@@ -90,11 +99,7 @@ int consume_list(struct rc_ring *r, PyObject *list, uint64_t max, int with_pos)
 	if (n == -1 && PyList_GET_SIZE(list) > 0)
 		return 0;
 	if (n < 0) {
-		PyErr_Format(RingCorruptedError,
-			     "corrupt record header or positions at consumer "
-			     "position %llu",
-			     (unsigned long long)atomic_load(
-				     &r->cons->consumer_pos));
+		raise_corrupt(r);
 		return -1;
 	}
 	return 0;

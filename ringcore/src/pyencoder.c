@@ -755,11 +755,7 @@ static PyObject *Encoder_consume(EncoderObject *self, PyObject *const *args,
 	 * out, and consumer_pos stays at the corrupt one, so the next call
 	 * reports it. */
 	if (n == -1 && PyList_GET_SIZE(o.lines) == 0) {
-		PyErr_Format(RingCorruptedError,
-			     "corrupt record header or positions at consumer "
-			     "position %llu",
-			     (unsigned long long)atomic_load(
-				     &ring->ring.cons->consumer_pos));
+		raise_corrupt(&ring->ring);
 		goto fail;
 	}
 	leave(self);

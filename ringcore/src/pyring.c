@@ -570,14 +570,8 @@ static PyObject *Ring_consume_each(RingObject *self, PyObject *const *args,
 		return NULL;
 	if (n == -2)
 		return PyErr_NoMemory();
-	if (n < 0) {
-		PyErr_Format(RingCorruptedError,
-			     "corrupt record header or positions at consumer "
-			     "position %llu",
-			     (unsigned long long)atomic_load(
-				     &self->ring.cons->consumer_pos));
-		return NULL;
-	}
+	if (n < 0)
+		return raise_corrupt(&self->ring);
 	return PyLong_FromLongLong(n);
 }
 

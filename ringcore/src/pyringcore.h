@@ -89,6 +89,8 @@ double now_s(void);
 int parse_max(PyObject *obj, uint64_t *max);
 /* seconds >= 0, or -1 for None/absent */
 int parse_seconds(PyObject *obj, const char *name, double *out);
+/* RingCorruptedError naming the consumer position; returns NULL */
+PyObject *raise_corrupt(struct rc_ring *r);
 /* drain r into list (bytes, or (position, bytes) pairs) */
 int consume_list(struct rc_ring *r, PyObject *list, uint64_t max, int with_pos);
 
