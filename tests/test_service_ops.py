@@ -314,17 +314,8 @@ def test_env_and_flags_override_the_file(tmp_path: Path) -> None:
     assert cfg["workers"]["count"] == 3 and cfg["sources"][1]["rate"] == 7
 
 
-@pytest.fixture
-def small_shm(tmp_path: Path):
-    mnt = tmp_path / "shm"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
-def test_ring_larger_than_shm_fails_at_start_naming_shm_size(small_shm: Path) -> None:
+def test_ring_larger_than_shm_fails_at_start_naming_shm_size(tmpfs) -> None:
+    small_shm = tmpfs("4m")
     r = run_cli(
         "serve",
         "--port",
