@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 
 import ringcore
 from service.batch import Batch
@@ -49,8 +48,6 @@ class RingConsumer:
         self.stall_recheck = stall_recheck
         self.coalesce = coalesce
         self.records = 0
-        self.batches = 0
-        self.last_drain = 0.0  # monotonic time of the last pass, for /healthz
         self.corrupt: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sleeping = False
@@ -152,10 +149,8 @@ class RingConsumer:
                 log.error("ring corrupted", extra={"event": "ring_corrupt", "error": str(e)})
             self.corrupt = str(e)
             return 0
-        self.last_drain = time.monotonic()
         if not lines:
             return 0
         self.records += len(lines)
-        self.batches += 1
         self.hub.publish(Batch.of(lines, positions, ts, types))
         return len(lines)

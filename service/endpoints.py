@@ -51,7 +51,6 @@ class State:
     batch: int  # consumer batch, also the replay piece size
     phase: str = "starting"  # starting | ready | draining
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
-    websockets: set[web.WebSocketResponse] = field(default_factory=set)
 
 
 STATE = web.AppKey("state", State)
@@ -186,7 +185,6 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         max_msg_size=1 << 16,
     )
     await ws.prepare(request)
-    st.websockets.add(ws)
     sub = st.hub.subscribe("ws", _peer(request), flt, after)
     sender = asyncio.create_task(_run_stream(st, sub, WsWriter(ws, batch)))
     reason = "client"
@@ -211,7 +209,6 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             except (TimeoutError, ConnectionResetError):
                 if request.transport is not None:
                     request.transport.abort()
-        st.websockets.discard(ws)
     return ws
 
 

@@ -130,11 +130,13 @@ class Subscriber:
         self.writer: asyncio.Task[None] | None = None
 
     def push(self, batch: Batch) -> int:
-        """Queue a published batch; returns records dropped by the policy."""
-        if self.closed is not None or batch.last <= self.replay_until:
+        """Queue a published batch; returns records dropped by the policy.
+
+        Every batch published after subscribe() lies past replay_until (the
+        newest id then), so the live queue and the replay never overlap.
+        """
+        if self.closed is not None:
             return 0
-        if self.replay_until >= 0 and batch.first <= self.replay_until:
-            batch = batch.after(self.replay_until)
         if self.filter is not None:
             batch = self.filter.apply(batch)
             if not batch.lines:
@@ -152,7 +154,6 @@ class Subscriber:
 
     def _drop_oldest(self) -> int:
         dropped = 0
-        first_lost = None
         while self.records > self.max_records or self.bytes > self.max_bytes:
             head = self.queue[0]
             over_r = self.records - self.max_records
@@ -170,8 +171,6 @@ class Subscriber:
                     self.queue.popleft()
                 n, nb = cut, head.nbytes - rest.nbytes
                 lost_last = head.positions[cut - 1]
-            if first_lost is None:
-                first_lost = head.first
             self.records -= n
             self.bytes -= nb
             dropped += n
@@ -233,11 +232,9 @@ class Hub:
         self.subscribers: dict[int, Subscriber] = {}
         self.dropped: Counter[str] = Counter({t: 0 for t in TRANSPORTS})
         self.disconnects: Counter[str] = Counter()
-        self.published = 0
         self._ids = count(1)
 
     def publish(self, batch: Batch) -> None:
-        self.published += len(batch)
         self.history.append(batch)
         for sub in list(self.subscribers.values()):
             if sub.closed is None:
