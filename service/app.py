@@ -35,7 +35,7 @@ from service.metrics import Latency, ServiceCollector
 from service.schema import SchemaError, builtin_schemas, compile_encoder, load_schema_file
 from service.settings import Config, ConfigError
 from service.sources import plugin
-from service.workers import SourceConfigError, Supervisor, WorkerSpec, plan_workers
+from service.workers import Supervisor, WorkerSpec, plan_workers
 
 log = logging.getLogger("ringstream")
 
@@ -146,10 +146,7 @@ class Service:
         schemas = load_schemas(cfg)
         encoder = compile_encoder(schemas)
         count = cfg["workers"]["count"] or available_cpus()
-        try:
-            specs = plan_workers([dict(s) for s in cfg.sources], count)
-        except SourceConfigError as e:
-            raise ConfigError(str(e)) from None
+        specs = plan_workers([dict(s) for s in cfg.sources], count)
         _check_plugins(specs)
         ring = create_ring(cfg)
         subs = cfg["subscribers"]
@@ -168,17 +165,14 @@ class Service:
             stall_recheck=cfg["consumer"]["stall_recheck"],
             coalesce=cfg["consumer"]["coalesce"],
         )
-        try:
-            supervisor = Supervisor(
-                ring,
-                specs,
-                backoff_initial=cfg["workers"]["backoff_initial"],
-                backoff_max=cfg["workers"]["backoff_max"],
-                backoff_reset=cfg["workers"]["backoff_reset"],
-                log=logging.getLogger("ringstream.workers"),
-            )
-        except SourceConfigError as e:
-            raise ConfigError(str(e)) from None
+        supervisor = Supervisor(
+            ring,
+            specs,
+            backoff_initial=cfg["workers"]["backoff_initial"],
+            backoff_max=cfg["workers"]["backoff_max"],
+            backoff_reset=cfg["workers"]["backoff_reset"],
+            log=logging.getLogger("ringstream.workers"),
+        )
         registry = CollectorRegistry(auto_describe=True)
         latency = Latency()
         registry.register(latency)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ringcore
+from service.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,11 @@ FULL_BACKOFF_MIN = 50e-6
 FULL_BACKOFF_MAX = 5e-3
 
 
-class SourceConfigError(ValueError):
-    """A [[sources]] or workers.count value that cannot be used; the message names the key."""
+class SourceConfigError(ConfigError):
+    """A [[sources]] or workers.count value that cannot be used; the message names the key.
+
+    A ConfigError like any other, so the service stops at start with it.
+    """
 
 
 # --- the plan: which worker processes run which source --------------------
