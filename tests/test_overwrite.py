@@ -115,3 +115,30 @@ def test_concurrent_flood_delivers_only_intact_records():
         assert q.submitted == 2 * count
         assert q.overwritten_bytes > 0, "the ring should have been lapped"
         assert delivered + q.overwritten_bytes == q.producer_pos
+
+
+def test_producers_lapping_the_drain_are_not_corruption():
+    """A drain reads producer_pos once; producers may lap it several times
+    while the callback runs (a slow consumer, a preempted one). Regression:
+    the overwrite position then ran ahead of that stale producer position and
+    the drain reported the ring corrupt (seen in CI under load)."""
+    with ringcore.Ring(4096, overwrite=True) as ring:
+        for i in range(10):
+            assert ring.output(bytes([i]) * 100)
+        seen: list[int] = []
+
+        def lap_twice(rec: memoryview) -> None:
+            seen.append(rec[0])
+            if len(seen) == 1:
+                for j in range(100):  # 11,200 bytes: more than two rings
+                    assert ring.output(bytes([100 + j]) * 100)
+
+        ring.consume_each(lap_twice)
+        seen += [rec[0] for rec in ring.consume()]
+        q = ring.query()
+        # the first record, then the newest ones that fit, in order
+        assert seen[0] == 0
+        assert seen[1:] == sorted(seen[1:]) and seen[-1] == 199
+        assert len(seen) - 1 == 4096 // 112
+        assert q.consumer_pos == q.producer_pos == 110 * 112
+        assert q.overwritten_bytes == (110 - len(seen)) * 112

@@ -115,12 +115,27 @@ static int64_t consume_overwrite(struct rc_ring *r, rc_sample_fn fn, void *ctx,
 		uint64_t rec;
 		int stop = 0;
 
-		/* stored before the producer_pos we acquired */
+		/* Pairs with the store-release in make_room(): the
+		 * producer_pos read after this one is at least over. */
 		over = atomic_load_explicit(&r->prod->overwrite_pos,
 					    memory_order_acquire);
-		if ((over & 7) || (cons & 7) || over > prod + r->mask + 1) {
+		if ((over & 7) || (cons & 7)) {
 			corrupt = 1;
 			break;
+		}
+		if (over > prod) {
+			/* Producers lapped the prod this drain started
+			 * from (the callback can take that long): read it
+			 * again, then over again at the top, so that over
+			 * stays the newer of the two, as the span check
+			 * below needs. Only a corrupt over is still ahead. */
+			prod = atomic_load_explicit(&r->prod->producer_pos,
+						    memory_order_acquire);
+			if (over > prod) {
+				corrupt = 1;
+				break;
+			}
+			continue;
 		}
 		if (cons < over) {
 			atomic_fetch_add_explicit(&r->cons->overwritten_bytes,

@@ -232,13 +232,14 @@ static void make_room(struct rc_ring *r, uint64_t new_prod, uint64_t pend)
 	}
 	if (over == start)
 		return;
-	/* Published to the consumer by the release store of producer_pos
-	 * that follows. */
+	/* Pairs with the load-acquire in consume_overwrite(): a consumer
+	 * that sees this over then reads a producer_pos of at least pend,
+	 * which the lock ordered before this store. */
 	atomic_store_explicit(&r->prod->overwrite_pos, over,
-			      memory_order_relaxed);
+			      memory_order_release);
 	/* The space given up is written next (header now, payload after
 	 * the lock is dropped). Seqlock writer's fence: pairs with the
-	 * acquire fence in rc_consume() after it copies a record, so a
+	 * acquire fence in consume_overwrite() after it copies a record, so a
 	 * consumer that read any of those new bytes also reads the new
 	 * overwrite_pos, and drops its torn copy. */
 	atomic_thread_fence(memory_order_release);
