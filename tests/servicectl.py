@@ -118,7 +118,7 @@ class Service:
             seen = len(self.logs)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {event!r} log line; stderr:\n" + "\n".join(self.lines))
+                raise AssertionError(f"no {event!r} log line; stderr ends:\n" + self.tail())
             try:
                 if self._new.get(timeout=left) is None:
                     self._reader.join()
@@ -126,11 +126,15 @@ class Service:
                         if entry.get("event") == event:
                             return entry
                     raise AssertionError(
-                        f"service exited ({self.proc.wait()}) before {event!r}; stderr:\n"
-                        + "\n".join(self.lines)
+                        f"service exited ({self.proc.wait()}) before {event!r}; stderr ends:\n"
+                        + self.tail()
                     )
             except queue.Empty:
                 pass
+
+    def tail(self, lines: int = 60) -> str:
+        """The last lines of stderr: enough for the cause, short enough to read."""
+        return "\n".join(self.lines[-lines:])
 
     def errors(self) -> list[str]:
         """Log lines at error level or above, and anything not JSON (tracebacks)."""
