@@ -24,14 +24,21 @@ Who may attach, two gates:
   its uid *and* open the file to it (``os.chmod(server.path, 0o660)`` with a
   shared group, for instance): the credential check stays the gate.
 
-Protocol (version 1): the client sends one JSON line
-``{"role": "producer"|"consumer", "version": 1}``; the server replies one
+Protocol (version 2): the client sends one JSON line
+``{"role": "producer"|"consumer", "version": 2, "pid": N}``; the server replies one
 JSON line, ``{"ok": true, "ring_size": N}`` sent together with the memfd and
 the eventfd, or ``{"ok": false, "error": "...", "code": "..."}``. The consumer
 role is claimed by the client itself (``Ring._attach_fds``), in shared memory:
 a second live consumer gets :class:`ringcore.ConsumerBusyError` naming the
 holder's pid, and a consumer that attaches after the previous one died
 resumes at the stored consumer position.
+
+A ring names its producers, the holder of its reservation lock and its
+consumer by pid, so every process of a ring must see the same pids: the
+server checks the pid the client states against the one ``SO_PEERCRED``
+reports and refuses a client from another pid namespace (a container
+started without ``--pid=container:...`` or ``--pid=host``), which would
+otherwise be taken for dead and lose its lock or its records.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ __all__ = [
     "serve",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the request states the client's pid
 # a request or a reply is one short JSON line; anything longer is not ours
 _MAX_LINE = 4096
 # how long the server waits for an accepted client's request line
@@ -247,6 +254,23 @@ class AttachServer:
             self._refused += 1
             _reply(conn, {"ok": False, "code": "bad_request", "error": error})
             return
+        assert line is not None  # _check_request() said so
+        stated = json.loads(line)["pid"]
+        if stated != pid:
+            self._refused += 1
+            _reply(
+                conn,
+                {
+                    "ok": False,
+                    "code": "pid_namespace",
+                    "error": (
+                        f"the client is pid {stated} in its own pid namespace but pid {pid} "
+                        "in the ring's: a ring's processes must share one pid namespace "
+                        "(for a container: --pid=host or --pid=container:NAME)"
+                    ),
+                },
+            )
+            return
         try:
             fds = [self._ring._mem_fd, self._ring.fileno()]
             size = self._ring.size
@@ -274,6 +298,9 @@ def _check_request(line: bytes | None) -> str | None:
         )
     if req.get("role") not in _ROLES:
         return f"role must be 'producer' or 'consumer', not {req.get('role')!r}"
+    pid = req.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return f"pid must be the client's process id, a positive integer, not {pid!r}"
     return None
 
 
@@ -406,7 +433,11 @@ def attach(
         ) from None
     if not stat.S_ISSOCK(st.st_mode):
         raise AttachError(f"{path} is not a Unix socket, so no ring is served there")
-    request = {"role": "consumer" if consumer else "producer", "version": PROTOCOL_VERSION}
+    request = {
+        "role": "consumer" if consumer else "producer",
+        "version": PROTOCOL_VERSION,
+        "pid": os.getpid(),
+    }
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     fds: list[int] = []
     try:

@@ -577,8 +577,12 @@ def test_garbage_server(tmp_path, reply, error, match):
 @pytest.mark.parametrize(
     ("request_line", "match"),
     [
-        (b'{"role": "producer", "version": 2}\n', "unsupported protocol version 2"),
-        (b'{"role": "admin", "version": 1}\n', "role must be"),
+        (b'{"role": "producer", "version": 1, "pid": PID}\n', "unsupported protocol version 1"),
+        (b'{"role": "admin", "version": 2, "pid": PID}\n', "role must be"),
+        (b'{"role": "producer", "version": 2}\n', "pid must be the client's process id"),
+        (b'{"role": "producer", "version": 2, "pid": "PID"}\n', "pid must be"),
+        # a pid that is not the one SO_PEERCRED reports: another namespace's
+        (b'{"role": "producer", "version": 2, "pid": 1}\n', "share one pid namespace"),
         (b"GET / HTTP/1.0\n", "not JSON"),
     ],
 )
@@ -588,7 +592,7 @@ def test_server_rejects_bad_requests(tmp_path, request_line, match):
         with socket.socket(socket.AF_UNIX) as client:
             client.settimeout(HANG)
             client.connect(str(sock))
-            client.sendall(request_line)
+            client.sendall(request_line.replace(b"PID", str(os.getpid()).encode()))
             data, fds, _, _ = socket.recv_fds(client, 4096, 2)
         assert fds == []
         reply = json.loads(data)
@@ -776,3 +780,30 @@ def test_produce_attach_failure(tmp_path):
     )
     assert out.returncode == 1
     assert str(sock) in out.stderr.decode()
+
+
+def test_client_in_another_pid_namespace_is_refused(tmp_path):
+    """Producers and the lock holder are named by pid: a client whose pids
+    mean something else (another pid namespace) is refused, by name."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a pid namespace here: {probe.stderr.strip()}")
+    sock = tmp_path / "ring.sock"
+    attach = "import sys, ringcore; ringcore.attach(sys.argv[1])"
+    with ringcore.Ring(4096) as ring, ringcore.serve(ring, sock) as server:
+        other = subprocess.run(
+            ["unshare", "--pid", "--fork", sys.executable, "-c", attach, str(sock)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert other.returncode != 0
+        assert "AttachError" in other.stderr, other.stderr
+        assert "share one pid namespace" in other.stderr and "--pid=" in other.stderr
+        assert server.refused == 1 and server.attaches == 0
+        # the same command in our namespace attaches
+        same = subprocess.run(
+            [sys.executable, "-c", attach, str(sock)], capture_output=True, text=True, timeout=60
+        )
+        assert same.returncode == 0, same.stderr
+        assert server.attaches == 1

@@ -4,7 +4,7 @@ The kernel's verifier guarantees every reservation is committed; processes
 guarantee nothing. A test hook (Ring._test_park) stops a real producer
 process at a chosen point inside a reservation, the test SIGKILLs it there,
 and live producers keep producing:
-  stage 1  holding the reservation lock            -> the robust lock recovers
+  stage 1  holding the reservation lock            -> a waiter takes it over
   stage 2  busy header written, not published      -> nothing visible
   stage 3  published, lock still held              -> record abandoned
   stage 4  reserved, between reserve and submit    -> record abandoned
@@ -99,6 +99,50 @@ def test_producer_killed_inside_reservation(stage):
         assert q.abandoned_bytes == (56 if stage >= 3 else 0)
         assert q.submitted == 4000
         assert q.consumer_pos == q.producer_pos, "ring not drained"
+        os.close(r)
+        os.close(w)
+
+
+def _one_record(ring: ringcore.Ring) -> None:
+    while not ring.output(REC.pack(7, 0)):
+        os.sched_yield()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_live_lock_holder_is_waited_for():
+    """A producer stopped (as by SIGSTOP or a debugger) inside the critical
+    section is alive: nobody may take the lock from it, however long it holds
+    it; once it is gone, a waiter takes over."""
+    ctx = mp.get_context("fork")
+    with ringcore.Ring(4096) as ring:
+        r, w = os.pipe()
+        holder = ctx.Process(target=_park, args=(ring, 1, w))
+        holder.start()
+        waiter = None
+        try:
+            wait_byte(r, "parked holding the lock")
+            os.kill(holder.pid, signal.SIGSTOP)
+            waiter = ctx.Process(target=_one_record, args=(ring,))
+            waiter.start()
+            # the waiter looks at the holder every millisecond; give it a
+            # few hundred looks, during which nothing may be reserved
+            cpu = _cpu_seconds(waiter.pid)
+            waiter.join(0.5)
+            assert waiter.is_alive(), "the waiter took the lock of a live holder"
+            assert ring.query().producer_pos == 0
+            used = _cpu_seconds(waiter.pid) - cpu
+            print(f"waiter CPU while the holder was stopped: {used:.3f} s in 0.5 s")
+        finally:
+            holder.kill()  # SIGKILL ends a stopped process too
+            holder.join()
+        waiter.join(30)
+        assert waiter.exitcode == 0
+        assert [REC.unpack_from(x) for x in ring.poll(timeout=5)] == [(7, 0)]
         os.close(r)
         os.close(w)
 
