@@ -15,7 +15,7 @@ records it measures records/s delivered to the consumer by:
 and prints ratios against the peers measured in the same run. Then it builds
 and runs the C-level benchmark (bench/c_bench.c) of the core without Python.
 
-Each figure is the median of --repeat runs (default 3). Producers are forked;
+Each figure is the median of --repeat runs (default 5). Producers are forked;
 the consumer is the process that created the ring, as ringcore requires.
 """
 
@@ -413,7 +413,7 @@ def run_c_bench(records: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=2_000_000, help="per producer, for ringcore")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--only", default="", help="substring filter on method names")
     ap.add_argument("--no-c", action="store_true", help="skip the C-level benchmark")
     args = ap.parse_args()
