@@ -121,6 +121,26 @@ static int map_ring(struct rc_ring *r, int fd, size_t meta, uint64_t size,
 	return 0;
 }
 
+static int init_lock(pthread_mutex_t *lock)
+{
+	pthread_mutexattr_t attr;
+	int err;
+
+	err = pthread_mutexattr_init(&attr);
+	if (!err)
+		err = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+	if (!err)
+		err = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+	if (!err)
+		err = pthread_mutex_init(lock, &attr);
+	pthread_mutexattr_destroy(&attr);
+	if (err) {
+		errno = err;
+		return -RC_ESYS;
+	}
+	return 0;
+}
+
 static void reset_handle(struct rc_ring *r)
 {
 	memset(r, 0, sizeof(*r));
@@ -128,15 +148,25 @@ static void reset_handle(struct rc_ring *r)
 	r->event_fd = -1;
 }
 
-/* The control page is written once, with pwrite(), before any process maps
- * the ring for a role. Everything else starts as the zeroes of a new file:
- * positions 0, no consumer, the reservation lock free. */
+/* The lock and the control page are written once, before any process maps
+ * the ring for a role: through a mapping of the producer page alone, and
+ * pwrite(). */
 static int init_ring(int fd, uint64_t size, size_t page, size_t meta,
 		     uint32_t flags)
 {
+	struct rc_prod_page *prod;
 	struct rc_ctrl ctrl;
 	uint64_t magic = RC_MAGIC;
+	int err;
 
+	prod = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+		    (off_t)(2 * page));
+	if (prod == MAP_FAILED)
+		return -RC_ESYS;
+	err = init_lock(&prod->lock);
+	munmap(prod, page);
+	if (err)
+		return err;
 	memset(&ctrl, 0, sizeof(ctrl));
 	ctrl.version = RC_VERSION;
 	ctrl.page_size = (uint32_t)page;

@@ -7,9 +7,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdbool.h>
-#include <sched.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "ringcore.h"
@@ -27,30 +25,9 @@ static inline struct rc_hdr *hdr_of(void *sample)
 }
 
 /*
- * The reservation lock. The kernel's is a raw spinlock taken with
- * preemption off; between processes the holder can be preempted, stopped or
- * killed at any instruction, so the lock word records who holds it:
- *
- *     prod->lock:   0 ------ CAS(0 -> pid), acquire ------> holder's pid
- *                   ^                                            |
- *                   +---------- store 0, release ----------------+
- *                   (or, holder dead: CAS(its pid -> ours), acquire)
- *
- * Uncontended, that is one locked instruction per reservation and a plain
- * store to release. The robust pthread mutex it replaces cost two locked
- * instructions and glibc's robust-list bookkeeping: a fifth of output()'s
- * time (bench/ring_bench.py, output() per 64 B record: 16.9 -> 20 M/s).
- *
- * Contended, a waiter spins briefly (the section is a few dozen
- * instructions), then yields the CPU to a holder that was preempted, and
- * after RC_LOCK_CHECK_NS sleeps in short naps and looks at the holder: a
- * holder that is gone (or a zombie) is taken over with a CAS, so that two
- * waiters cannot both take it. A live holder, however slow or stopped
- * (SIGSTOP, a debugger), is waited for without burning a CPU.
- *
- * Taking over needs no repair: the critical section only advances positions
- * and writes busy headers, so what a dead holder left is consistent at every
- * instruction:
+ * The critical section only advances positions and writes busy headers. If
+ * a producer dies inside it, the robust mutex hands the lock to the next
+ * producer with EOWNERDEAD, and what the dead one left is consistent:
  *  - died before storing next_pos: the header it may have written lies past
  *    next_pos, where nobody reads, and is overwritten next;
  *  - died after: its record is reserved (next_pos, and producer_pos if it got
@@ -58,95 +35,33 @@ static inline struct rc_hdr *hdr_of(void *sample)
  *    stays busy, exactly as for a producer dead between reserve and submit,
  *    which the consumer must deal with anyway.
  * pending_pos is a single aligned store of a value recomputed from headers.
- *
- * Identifying holders by pid assumes, like the producer slots and the
- * consumer claim, that all processes of a ring share a pid namespace
- * (ringcore.attach refuses a peer from another one), and that a dead
- * holder's pid is not reused by a live process within the milliseconds
- * before a waiter looks (the waiter would then wait for that process).
+ * So marking the mutex consistent again is all the repair there is.
  */
-#define RC_LOCK_CHECK_NS 1000000ULL /* 1 ms */
-#define RC_LOCK_NAP_NS 50000L       /* first nap 50 us, doubling to 1 ms */
-
-static uint64_t lock_clock_ns(void)
+static void ring_lock(struct rc_ring *r)
 {
-	struct timespec ts;
+	pthread_mutex_t *lock = &r->prod->lock;
+	int err;
 
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
-static void nap(long ns)
-{
-	struct timespec ts = {0, ns};
-
-	nanosleep(&ts, NULL);
-}
-
-static __attribute__((noinline)) void ring_lock_contended(struct rc_ring *r)
-{
-	_Atomic uint32_t *lock = &r->prod->lock;
-	uint64_t since = 0, now;
-	long naps = RC_LOCK_NAP_NS;
-
-	for (int spins = 0;; spins++) {
-		uint32_t holder = atomic_load_explicit(lock,
-						       memory_order_relaxed);
-
-		/* Acquire pairs with the release store in ring_unlock(): the
-		 * previous holder's section happens before ours. */
-		if (!holder) {
-			if (atomic_compare_exchange_weak_explicit(
-				    lock, &holder, r->pid,
-				    memory_order_acquire,
-				    memory_order_relaxed))
-				return;
-			continue;
-		}
-		if (spins < SPIN_TRIES) {
-			rc_cpu_relax();
-			continue;
-		}
-		now = lock_clock_ns();
-		if (!since)
-			since = now;
-		if (now - since < RC_LOCK_CHECK_NS) {
-			sched_yield();
-			continue;
-		}
-		/* A dead holder wrote nothing since its last instruction, and
-		 * its exit went through the kernel; the acquire CAS orders
-		 * our section after whatever it did write. */
-		if (holder != r->pid && !rc_pid_alive(holder) &&
-		    atomic_compare_exchange_strong_explicit(
-			    lock, &holder, r->pid, memory_order_acquire,
-			    memory_order_relaxed))
+	/* The section is a few dozen instructions: spin a little before
+	 * sleeping in the kernel. */
+	for (int i = 0; i < SPIN_TRIES; i++) {
+		err = pthread_mutex_trylock(lock);
+		if (err == 0)
 			return;
-		nap(naps);
-		if (naps < 1000000L)
-			naps *= 2;
+		if (err == EOWNERDEAD)
+			goto owner_died;
+		rc_cpu_relax();
 	}
-}
-
-static inline void ring_lock(struct rc_ring *r)
-{
-	uint32_t free_ = 0;
-
-	/* the lock records r->pid, which claiming a slot sets: holding the
-	 * lock as pid 0 would leave it free */
-	if (!r->slot)
-		rc_my_slot(r);
-	/* as in ring_lock_contended() */
-	if (!atomic_compare_exchange_strong_explicit(
-		    &r->prod->lock, &free_, r->pid, memory_order_acquire,
-		    memory_order_relaxed))
-		ring_lock_contended(r);
+	err = pthread_mutex_lock(lock);
+	if (err != EOWNERDEAD)
+		return;
+owner_died:
+	pthread_mutex_consistent(lock);
 }
 
 static inline void ring_unlock(struct rc_ring *r)
 {
-	/* Pairs with the acquire CAS of the next holder. */
-	atomic_store_explicit(&r->prod->lock, 0, memory_order_release);
+	pthread_mutex_unlock(&r->prod->lock);
 }
 
 static bool pid_is_dead(uint32_t pid)
@@ -168,7 +83,6 @@ struct rc_slot *rc_my_slot(struct rc_ring *r)
 	if (r->slot)
 		return r->slot;
 	pid = (uint32_t)getpid();
-	r->pid = pid;
 	for (i = 1; i < RC_MAX_SLOTS; i++)
 		if (claim(&r->slots[i], 0, pid))
 			goto found;

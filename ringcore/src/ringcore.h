@@ -66,12 +66,13 @@
 #ifndef RINGCORE_H
 #define RINGCORE_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #define RC_MAGIC 0x45524f43474e4952ULL /* "RINGCORE" in little-endian bytes */
-#define RC_VERSION 2 /* 2: the reservation lock is a pid, not a pthread mutex */
+#define RC_VERSION 1
 
 #define RC_BUSY_BIT (1U << 31)
 #define RC_DISCARD_BIT (1U << 30)
@@ -144,10 +145,9 @@ struct rc_cons_page {
 struct rc_prod_page {
 	_Atomic uint64_t producer_pos;
 	char pad0[RC_CACHELINE - sizeof(uint64_t)];
-	/* Producers only, from here on. The reservation lock: the pid of the
-	 * producer inside the critical section, 0 when free (produce.c). */
-	_Atomic uint32_t lock;
-	uint32_t pad1;
+	/* Producers only, from here on. The lock is process-shared and robust:
+	 * a producer that dies holding it does not deadlock the others. */
+	pthread_mutex_t lock;
 	uint64_t pending_pos; /* protected by lock */
 	/* Protected by lock: the same value as producer_pos, on the lock's
 	 * line, which only producers touch. Reserving reads this one: reading
@@ -190,7 +190,6 @@ struct rc_ring {
 	struct rc_slot *slot; /* this process's slot; NULL until first produce */
 	uint32_t slot_idx;
 	uint32_t pg_off;      /* RC_PG_OFF(slot_idx, generation of our claim) */
-	uint32_t pid;         /* ours, as the reservation lock records it */
 	/* Last consumer_pos this handle read, under the reservation lock.
 	 * Positions only grow, so a stale value only underestimates the room:
 	 * reserving re-reads consumer_pos (a cache miss on a line the consumer
