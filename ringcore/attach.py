@@ -33,12 +33,13 @@ a second live consumer gets :class:`ringcore.ConsumerBusyError` naming the
 holder's pid, and a consumer that attaches after the previous one died
 resumes at the stored consumer position.
 
-A ring names its producers, the holder of its reservation lock and its
-consumer by pid, so every process of a ring must see the same pids: the
-server checks the pid the client states against the one ``SO_PEERCRED``
-reports and refuses a client from another pid namespace (a container
-started without ``--pid=container:...`` or ``--pid=host``), which would
-otherwise be taken for dead and lose its lock or its records.
+A ring names its producers (the owners of busy records) and its consumer by
+pid, so every process of a ring must see the same pids: the server checks the
+pid the client states against the one ``SO_PEERCRED`` reports and refuses a
+client from another pid namespace (a container started without
+``--pid=container:...`` or ``--pid=host``, a Kubernetes sidecar without
+``shareProcessNamespace: true``), which would otherwise be taken for dead and
+have its slot and its busy records given away.
 """
 
 from __future__ import annotations
@@ -266,7 +267,8 @@ class AttachServer:
                     "error": (
                         f"the client is pid {stated} in its own pid namespace but pid {pid} "
                         "in the ring's: a ring's processes must share one pid namespace "
-                        "(for a container: --pid=host or --pid=container:NAME)"
+                        "(for a container: --pid=host or --pid=container:NAME; for a "
+                        "Kubernetes sidecar: shareProcessNamespace: true)"
                     ),
                 },
             )

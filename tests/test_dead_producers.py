@@ -4,7 +4,7 @@ The kernel's verifier guarantees every reservation is committed; processes
 guarantee nothing. A test hook (Ring._test_park) stops a real producer
 process at a chosen point inside a reservation, the test SIGKILLs it there,
 and live producers keep producing:
-  stage 1  holding the reservation lock            -> a waiter takes it over
+  stage 1  holding the reservation lock            -> the robust lock recovers
   stage 2  busy header written, not published      -> nothing visible
   stage 3  published, lock still held              -> record abandoned
   stage 4  reserved, between reserve and submit    -> record abandoned
@@ -117,7 +117,7 @@ def _cpu_seconds(pid: int) -> float:
 def test_live_lock_holder_is_waited_for():
     """A producer stopped (as by SIGSTOP or a debugger) inside the critical
     section is alive: nobody may take the lock from it, however long it holds
-    it; once it is gone, a waiter takes over."""
+    it, and its waiters sleep; once it is gone, a waiter takes over."""
     ctx = mp.get_context("fork")
     with ringcore.Ring(4096) as ring:
         r, w = os.pipe()
@@ -129,8 +129,7 @@ def test_live_lock_holder_is_waited_for():
             os.kill(holder.pid, signal.SIGSTOP)
             waiter = ctx.Process(target=_one_record, args=(ring,))
             waiter.start()
-            # the waiter looks at the holder every millisecond; give it a
-            # few hundred looks, during which nothing may be reserved
+            # half a second, during which nothing may be reserved
             cpu = _cpu_seconds(waiter.pid)
             waiter.join(0.5)
             assert waiter.is_alive(), "the waiter took the lock of a live holder"

@@ -346,8 +346,14 @@ int rc_pid_alive(uint32_t pid)
 	 * command name in /proc/PID/stat. */
 	snprintf(path, sizeof(path), "/proc/%u/stat", pid);
 	fd = open(path, O_RDONLY | O_CLOEXEC);
+	/* No /proc entry although kill() found the process: it died just now
+	 * (then kill() says so again), or this /proc does not show it (mounted
+	 * with hidepid, or belonging to another pid namespace). Only kill()
+	 * can then tell, and it cannot tell a zombie: presume alive, as
+	 * wrongly presuming dead would hand a live producer's records on. */
 	if (fd < 0)
-		return errno != ENOENT;
+		return !(errno == ENOENT && kill((pid_t)pid, 0) != 0 &&
+			 errno == ESRCH);
 	n = read(fd, buf, sizeof(buf) - 1);
 	close(fd);
 	if (n <= 0)
