@@ -212,7 +212,7 @@ class Service:
         runner = web.AppRunner(make_app(st), handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         host, port = cfg["server"]["host"], cfg["server"]["port"]
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, backlog=cfg["server"]["backlog"])
         try:
             await site.start()
         except OSError as e:

@@ -107,6 +107,7 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
         "host": _str,
         "port": _int(0, 65535),
         "shutdown_timeout": _seconds(positive=True),
+        "backlog": _int(1, 65535),
     },
     "ring": {
         "size": parse_size,

@@ -268,6 +268,7 @@ def test_readyz_is_503_while_draining(tmp_path: Path) -> None:
     ("config", "message"),
     [
         ("[server]\nshutdown_timeout = 'soon'\n", "server.shutdown_timeout: must be a number"),
+        ("[server]\nbacklog = 0\n", "server.backlog: must be between 1 and 65535"),
         ("[ring]\nsize = 1000\n", "ring.size"),
         ("[subscribers]\npolicy = 'yolo'\n", "subscribers.policy: must be one of"),
         ("[servr]\nport = 1\n", "servr: unknown section"),
@@ -312,6 +313,20 @@ def test_env_and_flags_override_the_file(tmp_path: Path) -> None:
     cfg = orjson.loads(r.stdout)
     assert cfg["server"]["port"] == 4321 and cfg["ring"]["size"] == 2 << 20
     assert cfg["workers"]["count"] == 3 and cfg["sources"][1]["rate"] == 7
+
+
+def test_listen_backlog_is_the_configured_one(tmp_path: Path) -> None:
+    """Read back from the kernel: for a listening socket, ss shows the
+    accept queue's limit as Send-Q."""
+    with Service(
+        tmp_path, NO_SOURCES + BASE_CONFIG, env={"RINGSTREAM_SERVER_BACKLOG": "777"}
+    ) as svc:
+        r = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{svc.port}"], capture_output=True, text=True, check=True
+        )
+        (line,) = r.stdout.splitlines()
+        state, _, send_q = line.split()[:3]
+        assert state == "LISTEN" and int(send_q) == 777, line
 
 
 def test_ring_larger_than_shm_fails_at_start_naming_shm_size(tmpfs) -> None:
