@@ -250,13 +250,11 @@ class AttachServer:
             )
             return
         line = _read_line(conn)
-        error = _check_request(line)
-        if error:
+        stated = _parse_request(line)
+        if isinstance(stated, str):
             self._refused += 1
-            _reply(conn, {"ok": False, "code": "bad_request", "error": error})
+            _reply(conn, {"ok": False, "code": "bad_request", "error": stated})
             return
-        assert line is not None  # _check_request() said so
-        stated = json.loads(line)["pid"]
         if stated != pid:
             self._refused += 1
             _reply(
@@ -284,7 +282,8 @@ class AttachServer:
         self._attaches += 1
 
 
-def _check_request(line: bytes | None) -> str | None:
+def _parse_request(line: bytes | None) -> int | str:
+    """The pid a valid request states, or what is wrong with the request."""
     if line is None:
         return "no request line (expected one JSON line ending in a newline)"
     try:
@@ -303,7 +302,7 @@ def _check_request(line: bytes | None) -> str | None:
     pid = req.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return f"pid must be the client's process id, a positive integer, not {pid!r}"
-    return None
+    return pid
 
 
 def _read_line(conn: socket.socket) -> bytes | None:
