@@ -160,14 +160,18 @@ def _is_int(v: object) -> bool:
 def _name(table: dict[str, Any], where: str, what: str) -> str:
     if "name" not in table:
         raise SchemaError(f"{where}.name: missing: every {what} needs a name")
-    name = table["name"]
-    if not isinstance(name, str) or not name:
-        raise SchemaError(f"{where}.name: expected a non-empty string, got {name!r}")
+    return _text(table["name"], f"{where}.name", "a non-empty string")
+
+
+def _text(value: object, at: str, expected: str) -> str:
+    """A name that JSON output can carry: a non-empty, UTF-8 encodable str."""
+    if not isinstance(value, str) or not value:
+        raise SchemaError(f"{at}: expected {expected}, got {value!r}")
     try:
-        name.encode("utf-8")
+        value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise SchemaError(f"{where}.name: not encodable as UTF-8: {name!r}") from e
-    return name
+        raise SchemaError(f"{at}: not encodable as UTF-8: {value!r}") from e
+    return value
 
 
 def _int_range(kind: str) -> tuple[int, int]:
@@ -201,13 +205,7 @@ def _parse_enum(raw: object, kind: str, where: str) -> Mapping[int, str]:
             raise SchemaError(f"{at}: {value} is out of range for {kind} ({lo}..{hi})")
         if value in out:
             raise SchemaError(f"{at}: the value {value} is listed twice (also as {keys[value]!r})")
-        if not isinstance(name, str) or not name:
-            raise SchemaError(f"{at}: expected a non-empty string (the value's name), got {name!r}")
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise SchemaError(f"{at}: not encodable as UTF-8: {name!r}") from e
-        out[value] = name
+        out[value] = _text(name, at, "a non-empty string (the value's name)")
         keys[value] = key
     return MappingProxyType(out)
 
