@@ -410,8 +410,9 @@ def test_memory_stays_bounded_with_1000_idle_subscribers(tmp_path: Path) -> None
     with Service(tmp_path, config) as svc:
         clients: list[StalledClient] = []
         for batch in range(1, 11):
-            # in hundreds, within the listen backlog (128): a burst of 1,000
-            # overflows it and the kernel drops SYNs, to be retried after 1 s
+            # in hundreds, well within the listen backlog: a burst of 1,000
+            # overflowed the old one (128), and SYNs the kernel drops are
+            # retried only after 1 s
             clients += [StalledClient(svc.port, "/events") for _ in range(100)]
             svc.wait_log("subscriber_connect", subscriber=100 * batch)
         fast = subprocess.Popen(
