@@ -143,6 +143,12 @@ int rc_owner_dead(struct rc_ring *r, uint32_t pg_off)
 	return pid == 0 || pid_is_dead(pid);
 }
 
+/* a position that can be a record boundary at or behind prod_pos */
+static bool pos_ok(struct rc_ring *r, uint64_t pos, uint64_t prod_pos)
+{
+	return !(pos & 7) && pos <= prod_pos && prod_pos - pos <= r->mask + 1;
+}
+
 /*
  * Walk pending_pos forward over committed records, as the kernel does since
  * 2024: a new reservation may not overrun a record that is still busy, even
@@ -154,16 +160,27 @@ static uint64_t advance_pending(struct rc_ring *r, uint64_t prod_pos)
 {
 	uint64_t pend = r->prod->pending_pos;
 
+	/* Nothing before the consumer position is busy but records of dead
+	 * producers the consumer stepped over (see the loop below), so the
+	 * walk starts there when it is ahead. Without this, a consumer that
+	 * keeps up leaves a whole lap of headers to walk, each one a cache
+	 * miss, once per lap. Overwrite mode walks on every reservation, a
+	 * record or two, and does not pay for a fresh consumer_pos: the
+	 * cached one is only ever behind. Pairs with the consumer's
+	 * store-release of consumer_pos in rc_consume(). */
+	if (!r->overwrite)
+		r->cached_cons = atomic_load_explicit(&r->cons->consumer_pos,
+						      memory_order_acquire);
 	/* Untrusted memory (see span_ok() in consume.c): a pending_pos that
 	 * cannot be right is not walked from. The consumer position is a
 	 * record boundary with nothing busy behind it: restart there, or
 	 * leave pend as it is and let the room check refuse. */
-	if ((pend & 7) || pend > prod_pos || prod_pos - pend > r->mask + 1) {
-		r->cached_cons = atomic_load_explicit(&r->cons->consumer_pos,
-						      memory_order_acquire);
-		if ((r->cached_cons & 7) || r->cached_cons > prod_pos ||
-		    prod_pos - r->cached_cons > r->mask + 1)
+	if (!pos_ok(r, pend, prod_pos)) {
+		if (!pos_ok(r, r->cached_cons, prod_pos))
 			return pend;
+		pend = r->cached_cons;
+	} else if (r->cached_cons > pend &&
+		   pos_ok(r, r->cached_cons, prod_pos)) {
 		pend = r->cached_cons;
 	}
 	while (pend < prod_pos) {
