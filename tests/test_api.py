@@ -894,6 +894,30 @@ def test_slot_stats_attribute_counters_to_producer_pids():
     assert sum(s[2] for s in ring.slot_stats()) == ring.query().submitted == 4
 
 
+def test_child_of_a_fork_without_python_hooks_counts_in_its_own_slot():
+    """A fork that runs no os.register_at_fork hooks (here libc's fork through
+    ctypes, as a C library would) still gives the child a slot of its own:
+    slot counters have one writer each, and records name their producer."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ring = Ring(PAGE_SIZE)
+    assert ring.output(b"parent, before the fork")
+    pid = libc.fork()
+    if pid == 0:  # child: no Python after-fork hook has run
+        ok = all(ring.output(b"child") for _ in range(3))
+        os._exit(0 if ok else 1)
+    assert pid > 0, ctypes.get_errno()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert ring.output(b"parent, after the fork")
+    stats = {spid: sub for _, spid, sub, _, _, _ in ring.slot_stats()}
+    assert stats == {os.getpid(): 2, pid: 3}
+    assert ring.consume() == [b"parent, before the fork"] + [b"child"] * 3 + [
+        b"parent, after the fork"
+    ]
+
+
 def test_shm_dir_none_is_a_memfd():
     with Ring(PAGE_SIZE, shm_dir=None) as ring:
         assert ring.output(b"memfd")

@@ -76,12 +76,36 @@ static bool claim(struct rc_slot *s, uint32_t expected, uint32_t pid)
 		memory_order_relaxed);
 }
 
-struct rc_slot *rc_my_slot(struct rc_ring *r)
+/*
+ * A slot belongs to one process. A child forked with the handle open must
+ * claim its own: it is another writer of the counters (count() relies on
+ * one) and another owner for the dead-producer checks. The binding's
+ * after-fork hook forgets the parent's slot, but a fork that runs no Python
+ * hooks (ctypes, a C library) does not call it, so every fork bumps this
+ * process-wide epoch and a slot claimed under an older one is stale.
+ */
+unsigned rc_fork_epoch;
+static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
+
+static void on_fork_child(void)
+{
+	rc_fork_epoch++;
+}
+
+static void add_fork_hook(void)
+{
+	if (pthread_atfork(NULL, NULL, on_fork_child) != 0) {
+		/* ENOMEM only; the binding's own hook still covers
+		 * os.fork() and multiprocessing */
+	}
+}
+
+struct rc_slot *rc_claim_slot(struct rc_ring *r)
 {
 	uint32_t pid, i;
 
-	if (r->slot)
-		return r->slot;
+	pthread_once(&fork_hook_once, add_fork_hook);
+	r->slot_epoch = rc_fork_epoch;
 	pid = (uint32_t)getpid();
 	for (i = 1; i < RC_MAX_SLOTS; i++)
 		if (claim(&r->slots[i], 0, pid))
@@ -119,9 +143,33 @@ void rc_forget_slot(struct rc_ring *r)
 
 void rc_release_slot(struct rc_ring *r)
 {
-	if (r->slot && r->slot_idx)
+	/* a slot claimed before a fork is the parent's to give back */
+	if (r->slot && r->slot_idx && r->slot_epoch == rc_fork_epoch)
 		atomic_store_explicit(&r->slot->pid, 0, memory_order_relaxed);
 	rc_forget_slot(r);
+}
+
+/*
+ * Add to one of this process's slot counters. An owned slot has one writer,
+ * its process (one thread at a time: the binding holds the GIL), so a plain
+ * load and store is enough; a locked add would also drain the store buffer,
+ * the record just copied, on every call. Readers (rc_query()) load the
+ * counters relaxed and see each value whole either way. Slot 0 is shared by
+ * the processes that found no slot of their own: there, an atomic add.
+ */
+static inline void count(struct rc_ring *r, _Atomic uint64_t *c, uint64_t n)
+{
+	if (r->slot_idx)
+		atomic_store_explicit(c, atomic_load_explicit(
+						 c, memory_order_relaxed) + n,
+				      memory_order_relaxed);
+	else
+		atomic_fetch_add_explicit(c, n, memory_order_relaxed);
+}
+
+void rc_count_failures(struct rc_ring *r, uint64_t n)
+{
+	count(r, &rc_my_slot(r)->reserve_failures, n);
 }
 
 int rc_owner_dead(struct rc_ring *r, uint32_t pg_off)
@@ -332,8 +380,7 @@ void *rc_reserve(struct rc_ring *r, uint32_t size, uint64_t *pos)
 	prod = reserve_start(r);
 	if (!aligned(prod) || !room_for(r, prod, prod + len)) {
 		ring_unlock(r);
-		atomic_fetch_add_explicit(&slot->reserve_failures, 1,
-					  memory_order_relaxed);
+		count(r, &slot->reserve_failures, 1);
 		return NULL;
 	}
 	write_busy_hdr(r, prod, size);
@@ -381,8 +428,7 @@ size_t rc_reserve_batch(struct rc_ring *r, const uint32_t *sizes, size_t n,
 	}
 	ring_unlock(r);
 	if (i < n)
-		atomic_fetch_add_explicit(&slot->reserve_failures, n - i,
-					  memory_order_relaxed);
+		count(r, &slot->reserve_failures, n - i);
 	return i;
 }
 
@@ -393,8 +439,7 @@ static void signal_consumer(struct rc_ring *r)
 	/* EAGAIN means the counter is saturated: the consumer is woken
 	 * anyway. */
 	if (write(r->event_fd, &one, sizeof(one)) == sizeof(one))
-		atomic_fetch_add_explicit(&rc_my_slot(r)->wakeups, 1,
-					  memory_order_relaxed);
+		count(r, &rc_my_slot(r)->wakeups, 1);
 }
 
 /*
@@ -463,8 +508,7 @@ void rc_submit(struct rc_ring *r, void *sample, unsigned flags)
 {
 	uint64_t off = commit(r, sample, false);
 
-	atomic_fetch_add_explicit(&rc_my_slot(r)->submitted, 1,
-				  memory_order_relaxed);
+	count(r, &rc_my_slot(r)->submitted, 1);
 	notify(r, off, RC_HDR_SZ, flags);
 }
 
@@ -472,8 +516,7 @@ void rc_discard(struct rc_ring *r, void *sample, unsigned flags)
 {
 	uint64_t off = commit(r, sample, true);
 
-	atomic_fetch_add_explicit(&rc_my_slot(r)->discarded, 1,
-				  memory_order_relaxed);
+	count(r, &rc_my_slot(r)->discarded, 1);
 	notify(r, off, RC_HDR_SZ, flags);
 }
 
@@ -488,8 +531,7 @@ void rc_submit_batch(struct rc_ring *r, void **samples, size_t n,
 	last = first;
 	for (size_t i = 1; i < n; i++)
 		last = commit(r, samples[i], false);
-	atomic_fetch_add_explicit(&rc_my_slot(r)->submitted, n,
-				  memory_order_relaxed);
+	count(r, &rc_my_slot(r)->submitted, n);
 	/* the batch was reserved in one piece: it spans first..last */
 	notify(r, first, ((last - first) & r->mask) + RC_HDR_SZ, flags);
 }

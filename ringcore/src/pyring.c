@@ -403,10 +403,8 @@ static PyObject *Ring_output_many(RingObject *self, PyObject *const *args,
 		done += (Py_ssize_t)got;
 		if (got < k) {
 			/* the records not even tried count as failures too */
-			atomic_fetch_add_explicit(
-				&rc_my_slot(pr)->reserve_failures,
-				(uint64_t)(n - done) - (k - got),
-				memory_order_relaxed);
+			rc_count_failures(pr,
+					  (uint64_t)(n - done) - (k - got));
 			break;
 		}
 	}

@@ -189,6 +189,7 @@ struct rc_ring {
 	int role;             /* RC_ROLE_*: decides the mapping's permissions */
 	struct rc_slot *slot; /* this process's slot; NULL until first produce */
 	uint32_t slot_idx;
+	unsigned slot_epoch;  /* rc_fork_epoch when the slot was claimed */
 	uint32_t pg_off;      /* RC_PG_OFF(slot_idx, generation of our claim) */
 	/* Last consumer_pos this handle read, under the reservation lock.
 	 * Positions only grow, so a stale value only underestimates the room:
@@ -284,8 +285,20 @@ void rc_submit_batch(struct rc_ring *r, void **samples, size_t n,
 /* 0, or -1 when there is no room */
 int rc_output(struct rc_ring *r, const void *data, uint32_t size,
 	      unsigned flags);
+/* bumped in every forked child (pthread_atfork), see rc_claim_slot() */
+extern unsigned rc_fork_epoch;
+/* claim a slot for this process (first use, or first use after a fork) */
+struct rc_slot *rc_claim_slot(struct rc_ring *r);
+
 /* the slot this process counts in; claims one on first use */
-struct rc_slot *rc_my_slot(struct rc_ring *r);
+static inline struct rc_slot *rc_my_slot(struct rc_ring *r)
+{
+	if (r->slot && r->slot_epoch == rc_fork_epoch)
+		return r->slot;
+	return rc_claim_slot(r);
+}
+/* count n more reservation failures in this process's slot */
+void rc_count_failures(struct rc_ring *r, uint64_t n);
 /* forget the slot claimed by the parent (call in a forked child) */
 void rc_forget_slot(struct rc_ring *r);
 /* give this process's slot back (its counters stay in the totals) */
