@@ -1253,6 +1253,24 @@ def pending_walk_case() -> None:
     ring.output(b"x")  # room_for() -> advance_pending() walked 2**47 headers
 
 
+def corrupt_pending_case(overwrite: bool, shift: int) -> None:
+    """One corrupt pending_pos word after a few laps: producers refused for good.
+
+    Found in review: overwrite mode fell back to a consumer position it had
+    never read (0), so the corrupt value stayed; misaligned, it even reached
+    overwrite_pos and the consumer reported corruption.
+    """
+    ring, shm = fresh_ring_shm(overwrite=overwrite)
+    laps = 3 * PAGE // 72
+    for _ in range(laps):  # 72-byte records: three laps
+        assert ring.output(b"x" * 60)
+        assert ring.consume() == [b"x" * 60]
+    shm.pending(shm.next() + shift)  # ahead of next_pos, or not a record boundary
+    for i in range(laps):
+        assert ring.output(b"y" * 60), f"output {i} of {laps} refused"
+        assert ring.consume() == [b"y" * 60]
+
+
 def make_room_walk_case() -> None:
     """One corrupt len at overwrite_pos of a full overwrite ring: output() hung, lock held.
 
@@ -1348,6 +1366,10 @@ REPROS: dict[str, tuple[Callable[..., None], tuple]] = {
     "endless_walk": (endless_walk_case, ()),
     "pending_walk": (pending_walk_case, ()),
     "make_room_walk": (make_room_walk_case, ()),
+    "corrupt_pending[normal, ahead]": (corrupt_pending_case, (False, 8)),
+    "corrupt_pending[normal, misaligned]": (corrupt_pending_case, (False, -3)),
+    "corrupt_pending[overwrite, ahead]": (corrupt_pending_case, (True, 8)),
+    "corrupt_pending[overwrite, misaligned]": (corrupt_pending_case, (True, -3)),
     "abandoned_length[normal]": (abandoned_length_case, (False,)),
     "abandoned_length[overwrite]": (abandoned_length_case, (True,)),
     "abandon_wrap": (abandon_wrap_case, ()),

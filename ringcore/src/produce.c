@@ -71,8 +71,13 @@ static bool pid_is_dead(uint32_t pid)
 
 static bool claim(struct rc_slot *s, uint32_t expected, uint32_t pid)
 {
+	/* Acquire on success pairs with the release store of pid = 0 in
+	 * rc_release_slot(): the counters, which count() updates without a
+	 * read-modify-write, are read as the previous owner left them. (A
+	 * slot taken from a dead owner is ordered by its exit and the
+	 * kill()/proc check that saw it.) */
 	return atomic_compare_exchange_strong_explicit(
-		&s->pid, &expected, pid, memory_order_relaxed,
+		&s->pid, &expected, pid, memory_order_acquire,
 		memory_order_relaxed);
 }
 
@@ -145,14 +150,17 @@ void rc_release_slot(struct rc_ring *r)
 {
 	/* a slot claimed before a fork is the parent's to give back */
 	if (r->slot && r->slot_idx && r->slot_epoch == rc_fork_epoch)
-		atomic_store_explicit(&r->slot->pid, 0, memory_order_relaxed);
+		/* Pairs with the acquire of a successful claim(): the next
+		 * owner's counts go on from our last ones. */
+		atomic_store_explicit(&r->slot->pid, 0, memory_order_release);
 	rc_forget_slot(r);
 }
 
 /*
  * Add to one of this process's slot counters. An owned slot has one writer,
- * its process (one thread at a time: the binding holds the GIL), so a plain
- * load and store is enough; a locked add would also drain the store buffer,
+ * its process, using the handle from one thread at a time (the binding holds
+ * the GIL; a C caller must do the same, see struct rc_ring), and owners
+ * follow each other in order (claim()), so a plain load and store is enough; a locked add would also drain the store buffer,
  * the record just copied, on every call. Readers (rc_query()) load the
  * counters relaxed and see each value whole either way. Slot 0 is shared by
  * the processes that found no slot of their own: there, an atomic add.
@@ -224,6 +232,9 @@ static uint64_t advance_pending(struct rc_ring *r, uint64_t prod_pos)
 	 * record boundary with nothing busy behind it: restart there, or
 	 * leave pend as it is and let the room check refuse. */
 	if (!pos_ok(r, pend, prod_pos)) {
+		/* rare: here overwrite mode reads a fresh one too */
+		r->cached_cons = atomic_load_explicit(&r->cons->consumer_pos,
+						      memory_order_acquire);
 		if (!pos_ok(r, r->cached_cons, prod_pos))
 			return pend;
 		pend = r->cached_cons;

@@ -174,7 +174,9 @@ struct rc_hdr {
 	uint32_t pg_off;
 };
 
-/* A process's handle on a ring: its own mapping, its descriptors. */
+/* A process's handle on a ring: its own mapping, its descriptors. One thread
+ * at a time uses a handle (the Python binding holds the GIL): the cached
+ * positions and the slot's counters (count() in produce.c) rely on it. */
 struct rc_ring {
 	void *base;      /* start of the whole mapping */
 	size_t map_len;  /* length of the whole mapping */
