@@ -918,6 +918,48 @@ def test_child_of_a_fork_without_python_hooks_counts_in_its_own_slot():
     ]
 
 
+def _hookless_child(ring: Ring, res: ringcore.Reservation, close_only: bool) -> int:
+    if close_only:  # its first use of the handle: close() must notice the fork
+        ring.close()
+        return 0
+    if ring.is_consumer:
+        return 2
+    try:
+        res.submit()
+        return 3
+    except ringcore.ReservationError:
+        pass
+    if not ring.output(b"child"):
+        return 4
+    ring.close()
+    return 0
+
+
+@pytest.mark.parametrize("close_only", [True, False])
+def test_fork_without_python_hooks_leaves_the_parent_its_reservation_and_role(close_only):
+    """After a fork that runs no Python hooks, the child's handle still acts
+    as a forked child's: a producer, unable to commit or (by closing) discard
+    the parent's open reservation, and its close leaves the consumer role."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ring = Ring(PAGE_SIZE)
+    res = ring.reserve(8)
+    assert res is not None
+    memoryview(res)[:] = b"reserved"
+    pid = libc.fork()
+    if pid == 0:  # child: no Python after-fork hook has run
+        os._exit(_hookless_child(ring, res, close_only))
+    assert pid > 0, ctypes.get_errno()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert ring.is_consumer
+    res.submit()
+    assert ring.consume() == [b"reserved"] + ([] if close_only else [b"child"])
+    with pytest.raises(ringcore.ConsumerBusyError):  # the role is still the parent's
+        Ring._attach_fds(ring._mem_fd, ring.fileno(), consumer=True)
+
+
 def test_shm_dir_none_is_a_memfd():
     with Ring(PAGE_SIZE, shm_dir=None) as ring:
         assert ring.output(b"memfd")

@@ -65,6 +65,8 @@ PyMODINIT_FUNC PyInit__ringcore(void)
 
 	if (!m)
 		return NULL;
+	/* every fork bumps rc_fork_epoch from now on, hooks or not */
+	rc_watch_forks();
 	if (PyType_Ready(&RingType) < 0 || PyType_Ready(&ReservationType) < 0 ||
 	    PyType_Ready(&RecordViewType) < 0)
 		goto fail;

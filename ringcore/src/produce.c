@@ -105,11 +105,16 @@ static void add_fork_hook(void)
 	}
 }
 
+void rc_watch_forks(void)
+{
+	pthread_once(&fork_hook_once, add_fork_hook);
+}
+
 struct rc_slot *rc_claim_slot(struct rc_ring *r)
 {
 	uint32_t pid, i;
 
-	pthread_once(&fork_hook_once, add_fork_hook);
+	rc_watch_forks();
 	r->slot_epoch = rc_fork_epoch;
 	pid = (uint32_t)getpid();
 	for (i = 1; i < RC_MAX_SLOTS; i++)

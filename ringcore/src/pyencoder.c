@@ -700,6 +700,7 @@ static int check_ring(PyObject *obj, RingObject **out)
 		return -1;
 	}
 	ring = (RingObject *)obj;
+	ring_sync_fork(ring);
 	if (!ring->ring.base) {
 		PyErr_SetString(RingClosedError, "the ring is closed");
 		return -1;

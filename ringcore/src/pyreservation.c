@@ -54,6 +54,7 @@ PyObject *reservation_new(RingObject *ring, void *sample, uint64_t pos,
 
 static int check_usable(ReservationObject *self, const char *what)
 {
+	ring_sync_fork(self->ring);
 	if (self->state != RES_ACTIVE) {
 		PyErr_Format(ReservationError, "cannot %s: reservation was already %s",
 			     what,
@@ -156,6 +157,7 @@ static void Reservation_dealloc(ReservationObject *self)
 	RingObject *ring = self->ring;
 
 	if (self->state == RES_ACTIVE) {
+		ring_sync_fork(ring);
 		if (ring->ring.base && self->fork_gen == ring->fork_gen)
 			rc_discard(producer_view(ring), self->sample, 0);
 		unlink_active(self);

@@ -15,6 +15,7 @@
 
 static int check_open(RingObject *self)
 {
+	ring_sync_fork(self);
 	if (!self->ring.base) {
 		PyErr_SetString(RingClosedError, "the ring is closed");
 		return -1;
@@ -136,6 +137,7 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 		Py_XDECREF(dir_obj);
 		return NULL;
 	}
+	self->fork_epoch = rc_fork_epoch;
 	err = rc_create_in(&self->ring, size,
 			   consumer ? RC_ROLE_CONSUMER : RC_ROLE_PRODUCER,
 			   overwrite ? RC_FLAG_OVERWRITE : 0, dir);
@@ -175,6 +177,7 @@ static PyObject *Ring_attach_fds(PyTypeObject *type, PyObject *args,
 	self = (RingObject *)type->tp_alloc(type, 0);
 	if (!self)
 		return NULL;
+	self->fork_epoch = rc_fork_epoch;
 	err = rc_attach(&self->ring, mem_fd, event_fd,
 			consumer ? RC_ROLE_CONSUMER : RC_ROLE_PRODUCER);
 	if (err) {
@@ -225,6 +228,9 @@ static void do_close(RingObject *self)
 {
 	if (!self->ring.base)
 		return;
+	/* a child must not discard the parent's reservations nor give up
+	 * its consumer role */
+	ring_sync_fork(self);
 	reservations_abandon(self);
 	if (self->is_consumer)
 		rc_release_consumer(&self->ring);
@@ -874,11 +880,7 @@ static PyObject *Ring_after_fork_child(RingObject *self,
 {
 	/* The child shares the mapping and the descriptors, and becomes a
 	 * producer with a slot of its own. */
-	self->is_consumer = 0;
-	self->fork_gen++;
-	rc_forget_slot(&self->ring);
-	if (self->pview)
-		rc_forget_slot(self->pview);
+	ring_after_fork(self);
 	Py_RETURN_NONE;
 }
 
@@ -947,6 +949,7 @@ static PyObject *Ring_get_max_record(RingObject *self, void *Py_UNUSED(c))
 
 static PyObject *Ring_get_is_consumer(RingObject *self, void *Py_UNUSED(c))
 {
+	ring_sync_fork(self);
 	return PyBool_FromLong(self->is_consumer);
 }
 
@@ -966,6 +969,7 @@ static PyObject *Ring_repr(RingObject *self)
 {
 	if (!self->ring.base)
 		return PyUnicode_FromFormat("<%s closed>", Py_TYPE(self)->tp_name);
+	ring_sync_fork(self);
 	return PyUnicode_FromFormat("<%s size=%llu %s>", Py_TYPE(self)->tp_name,
 				    (unsigned long long)(self->ring.mask + 1),
 				    self->is_consumer ? "consumer" : "producer");

@@ -19,12 +19,37 @@ typedef struct {
 	int is_consumer;       /* holds the ring's consumer role */
 	uint64_t fork_gen;     /* bumped in a forked child: older reservations
 				  belong to the parent */
+	unsigned fork_epoch;   /* rc_fork_epoch this handle last saw */
 	Py_ssize_t exports;    /* live buffers into ring memory (reservations,
 				  record views) */
 	int consuming;         /* inside rc_consume(): no re-entry */
 	struct ReservationObject *active; /* open reservations, linked */
 	PyObject *weakreflist;
 } RingObject;
+
+/*
+ * What a forked child does with the handles it inherited: it becomes a
+ * producer with a slot of its own, and reservations made before the fork
+ * stay the parent's to commit. os.fork() and multiprocessing run this from
+ * Python's after-fork hook; a fork that runs no Python hooks (libc's
+ * through ctypes, a C library) is noticed by its fork epoch on the handle's
+ * next use (ring_sync_fork()), before anything else is done with it.
+ */
+static inline void ring_after_fork(RingObject *self)
+{
+	self->is_consumer = 0;
+	self->fork_gen++;
+	rc_forget_slot(&self->ring);
+	if (self->pview)
+		rc_forget_slot(self->pview);
+	self->fork_epoch = rc_fork_epoch;
+}
+
+static inline void ring_sync_fork(RingObject *self)
+{
+	if (self->fork_epoch != rc_fork_epoch)
+		ring_after_fork(self);
+}
 
 enum { RES_ACTIVE = 0, RES_SUBMITTED = 1, RES_DISCARDED = 2 };
 

@@ -289,6 +289,8 @@ int rc_output(struct rc_ring *r, const void *data, uint32_t size,
 	      unsigned flags);
 /* bumped in every forked child (pthread_atfork), see rc_claim_slot() */
 extern unsigned rc_fork_epoch;
+/* install the hook that bumps it (once per process; claiming a slot does) */
+void rc_watch_forks(void);
 /* claim a slot for this process (first use, or first use after a fork) */
 struct rc_slot *rc_claim_slot(struct rc_ring *r);
 
