@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,98 @@ def test_records_before_a_corrupt_header_are_handed_out():
         assert ring.consume() == [b"good"]
         with pytest.raises(ringcore.RingCorruptedError, match="position 16"):
             ring.consume()
+
+
+def test_close_inside_a_consume_each_callback_is_refused():
+    ring = ringcore.Ring(ringcore.PAGE_SIZE)
+    for rec in (b"a", b"b"):
+        assert ring.output(rec)
+    seen = []
+
+    def close_then_copy(view: memoryview) -> None:
+        view.release()  # no export left to stop close() on its own
+        with pytest.raises(ringcore.RingError, match="inside a consume_each"):
+            ring.close()
+        seen.append(ring.snapshot()[0])  # still mapped
+
+    assert ring.consume_each(close_then_copy) == 2
+    assert len(seen) == 2
+    ring.close()  # after the drain it is fine
+
+
+def _syscall_of(tid: int) -> int | None:
+    try:
+        text = Path(f"/proc/self/task/{tid}/syscall").read_text().split()
+    except FileNotFoundError:  # the thread ended
+        return None
+    return int(text[0]) if text and text[0].lstrip("-").isdigit() else None
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="poll syscall numbers of x86-64")
+def test_close_while_poll_waits_in_another_thread_is_refused():
+    """close() used to unmap the ring under a poll() that had released the GIL."""
+    import threading
+
+    poll_syscalls = {7, 271}  # poll, ppoll on x86-64
+    ring = ringcore.Ring(ringcore.PAGE_SIZE)
+    got: list[list[bytes]] = []
+    tids: list[int] = []
+    started = threading.Event()
+
+    def wait() -> None:
+        tids.append(threading.get_native_id())
+        started.set()
+        got.append(ring.poll(timeout=None, coalesce=0))
+
+    t = threading.Thread(target=wait)
+    t.start()
+    started.wait()
+    # the waiter is in the kernel's poll once /proc says so (the event only
+    # says it is about to call ring.poll())
+    while _syscall_of(tids[0]) not in poll_syscalls:
+        os.sched_yield()
+    with pytest.raises(ringcore.RingError, match="while poll"):
+        ring.close()
+    assert ring.output(b"wake", ringcore.FORCE_WAKEUP)
+    t.join()
+    assert got == [[b"wake"]]
+    ring.close()
+
+
+@pytest.mark.parametrize("how", ["os.fork", "libc fork"])
+def test_fork_inside_a_consume_each_callback_leaves_the_drain_to_the_parent(how):
+    """The child used to go on draining as a second consumer: every record
+    delivered twice, and consumer_pos moved under the parent."""
+    import ctypes
+
+    fork = os.fork if how == "os.fork" else ctypes.CDLL(None, use_errno=True).fork
+    ring = ringcore.Ring(ringcore.PAGE_SIZE)
+    records = [b"r%d" % i for i in range(5)]
+    for rec in records:
+        assert ring.output(rec)
+    seen: list[bytes] = []
+    child: list[int] = []
+
+    def fork_on_first(view: memoryview) -> None:
+        seen.append(bytes(view))
+        if not child:
+            child.append(fork())
+            if child[0] == 0:
+                return  # the child: the drain must stop here
+            # the parent goes on only once the child is done with the ring
+            _, status = os.waitpid(child[0], 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+
+    try:
+        n = ring.consume_each(fork_on_first)
+    except ringcore.NotConsumerError:
+        if child[0] == 0:
+            os._exit(0 if seen == records[:1] else 1)
+        raise
+    if child[0] == 0:
+        os._exit(2)  # the child drained on
+    assert n == 5 and seen == records
+    q = ring.query()
+    assert q.consumer_pos == q.producer_pos
+    assert ring.output(b"after")
+    assert ring.consume() == [b"after"]

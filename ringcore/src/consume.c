@@ -183,6 +183,8 @@ static int64_t consume_overwrite(struct rc_ring *r, rc_sample_fn fn, void *ctx,
 		if (!(len & RC_DISCARD_BIT)) {
 			stop = fn(ctx, cons, r->scratch, size);
 			cnt++;
+			if (stop == RC_SAMPLE_ABORT)
+				return cnt;
 		}
 		cons += rec;
 		if (stop || (max && (uint64_t)cnt >= max))
@@ -244,6 +246,11 @@ int64_t rc_consume(struct rc_ring *r, rc_sample_fn fn, void *ctx, uint64_t max)
 			stop = fn(ctx, cons, (unsigned char *)hdr + RC_HDR_SZ,
 				  size);
 			cnt++;
+			/* a forked child: a store here could move the
+			 * parent's consumer_pos back, and records would be
+			 * read twice */
+			if (stop == RC_SAMPLE_ABORT)
+				return cnt;
 		}
 		cons += rec;
 		if (cons - published >= publish_every) {

@@ -256,6 +256,19 @@ static void Ring_dealloc(RingObject *self)
 
 static PyObject *Ring_close(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
+	if (self->consuming) {
+		PyErr_SetString(RingError,
+				"cannot close the ring from inside a "
+				"consume_each() callback: the drain goes on "
+				"reading it");
+		return NULL;
+	}
+	if (self->waiting) {
+		PyErr_SetString(RingError,
+				"cannot close the ring while poll() is waiting "
+				"on it in another thread");
+		return NULL;
+	}
 	if (self->exports) {
 		PyErr_Format(PyExc_BufferError,
 			     "cannot close the ring: %zd memoryview(s) of its "
@@ -526,6 +539,21 @@ static int call_each(void *ctx, uint64_t pos, const void *data, uint32_t size)
 	}
 	Py_DECREF(mv);
 	c->view->data = NULL;
+	/* The callback may have forked. In the child the handle is a
+	 * producer now, and the drain is its parent's to finish. */
+	ring_sync_fork(c->ring);
+	if (!c->ring->is_consumer) {
+		if (!res)
+			PyErr_Clear();
+		Py_XDECREF(res);
+		PyErr_SetString(NotConsumerError,
+				"consume_each(): this process was forked inside "
+				"the callback; in the child the ring is a "
+				"producer, so the drain stops here (the parent "
+				"goes on with it)");
+		c->failed = 1;
+		return RC_SAMPLE_ABORT;
+	}
 	if (!res)
 		goto fail;
 	Py_DECREF(res);
@@ -618,8 +646,8 @@ static void nap(double seconds)
  * announced, producers make no system call. Only an idle ring reaches the
  * announced sleep on the eventfd.
  */
-static int wait_ready(RingObject *self, double deadline, int busy_poll,
-		      double coalesce)
+static int wait_ready_unguarded(RingObject *self, double deadline,
+				 int busy_poll, double coalesce)
 {
 	struct rc_ring *r = &self->ring;
 	double start = now_s();
@@ -689,6 +717,19 @@ static int wait_ready(RingObject *self, double deadline, int busy_poll,
 		/* woken for a later record while an earlier one is still
 		 * busy (or by FORCE_WAKEUP): sleep again */
 	}
+}
+
+/* close() from another thread must not unmap the ring under a wait that
+ * released the GIL: Ring_close() refuses while one is on. */
+static int wait_ready(RingObject *self, double deadline, int busy_poll,
+		      double coalesce)
+{
+	int ready;
+
+	self->waiting++;
+	ready = wait_ready_unguarded(self, deadline, busy_poll, coalesce);
+	self->waiting--;
+	return ready;
 }
 
 /* 20 us: nanosleep's timer slack makes it 50-70 us in practice, far below

@@ -23,6 +23,7 @@ typedef struct {
 	Py_ssize_t exports;    /* live buffers into ring memory (reservations,
 				  record views) */
 	int consuming;         /* inside rc_consume(): no re-entry */
+	int waiting;           /* poll() waits with the GIL released */
 	struct ReservationObject *active; /* open reservations, linked */
 	PyObject *weakreflist;
 } RingObject;
@@ -39,6 +40,12 @@ static inline void ring_after_fork(RingObject *self)
 {
 	self->is_consumer = 0;
 	self->fork_gen++;
+	/* Only the forking thread lives on in the child: no other thread
+	 * waits in poll() or drains here. A drain the forking thread itself
+	 * is in (a consume_each() callback forked) stops when the callback
+	 * returns, without touching the ring. */
+	self->waiting = 0;
+	self->consuming = 0;
 	rc_forget_slot(&self->ring);
 	if (self->pview)
 		rc_forget_slot(self->pview);

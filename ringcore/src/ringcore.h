@@ -318,8 +318,11 @@ void rc_test_park(struct rc_ring *r, uint32_t size, int stage, int notify_fd);
 /* --- consume.c: the single consumer -------------------------------------- */
 
 /* Called for each committed, non-discarded record with its logical
- * position (the position of its header). Return 0 to go on,
- * non-zero to stop after this record (it counts as consumed). */
+ * position (the position of its header). Return 0 to go on, 1 to stop after
+ * this record (it counts as consumed), or RC_SAMPLE_ABORT to return at once
+ * without publishing consumer_pos: the caller is no longer the consumer (a
+ * child forked inside fn, while its parent goes on with the drain). */
+#define RC_SAMPLE_ABORT 2
 typedef int (*rc_sample_fn)(void *ctx, uint64_t pos, const void *data,
 			    uint32_t size);
 
