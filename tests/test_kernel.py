@@ -19,13 +19,11 @@ and Linux 6.4+ (the program uses an open-coded iterator).
 from __future__ import annotations
 
 import os
-import platform
 import random
 import select
 import shutil
 import struct
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernelbpf import OP_DISCARD, OP_OUTPUT, OP_RESERVE, OP_SUBMIT, OP_WRITE, Op
+from sleeping import EPOLL_WAIT, wait_until_sleeping
 
 import ringcore
 
@@ -324,44 +323,13 @@ def test_kernel_ring_yields_the_same_records(ringops):
         pair.close()
 
 
-# epoll_wait, epoll_pwait, epoll_pwait2: for kernels that do not show wchan
-EPOLL_SYSCALLS = {"x86_64": {232, 281, 441}, "aarch64": {22, 441}, "riscv64": {22, 441}}
-
-
-def in_epoll_wait(task: str) -> bool:
-    with open(f"{task}/stat") as f:
-        if f.read().rsplit(")", 1)[1].split()[0] != "S":
-            return False
-    with open(f"{task}/wchan") as f:
-        wchan = f.read()
-    if wchan not in ("", "0"):
-        return "epoll" in wchan
-    with open(f"{task}/syscall") as f:
-        nr = f.read().split()[0]
-    known = EPOLL_SYSCALLS.get(platform.machine())
-    assert known, f"cannot tell from /proc whether a thread sleeps in epoll_wait ({task})"
-    return nr.isdigit() and int(nr) in known
-
-
-def wait_until_sleeping(thread: threading.Thread) -> None:
-    """Return once thread sleeps in epoll_wait (read from /proc)."""
-    task = f"/proc/self/task/{thread.native_id}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if in_epoll_wait(task):
-            return
-        assert thread.is_alive(), "poll() returned before anything was committed"
-        time.sleep(0.001)  # polling a condition, not waiting for time to pass
-    raise AssertionError(f"the poll() thread never slept in epoll_wait ({task})")
-
-
 def poll_while(kr: ringcore.KernelRing, action: Callable[[], None], timeout: float) -> list[bytes]:
     """kr.poll(timeout) in a thread; action() once that thread sleeps."""
     result: list[object] = []
     t = threading.Thread(target=lambda: result.append(kr.poll(timeout=timeout)))
     t.start()
     try:
-        wait_until_sleeping(t)
+        wait_until_sleeping(t, EPOLL_WAIT)
         action()
     finally:
         t.join()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from pathlib import Path
 
 import pytest
+from sleeping import POLL, wait_until_sleeping
 
 import ringcore
 
@@ -158,41 +158,21 @@ def test_close_inside_a_consume_each_callback_is_refused():
     ring.close()  # after the drain it is fine
 
 
-def _syscall_of(tid: int) -> int | None:
-    try:
-        text = Path(f"/proc/self/task/{tid}/syscall").read_text().split()
-    except FileNotFoundError:  # the thread ended
-        return None
-    return int(text[0]) if text and text[0].lstrip("-").isdigit() else None
-
-
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="poll syscall numbers of x86-64")
 def test_close_while_poll_waits_in_another_thread_is_refused():
     """close() used to unmap the ring under a poll() that had released the GIL."""
     import threading
 
-    poll_syscalls = {7, 271}  # poll, ppoll on x86-64
     ring = ringcore.Ring(ringcore.PAGE_SIZE)
     got: list[list[bytes]] = []
-    tids: list[int] = []
-    started = threading.Event()
-
-    def wait() -> None:
-        tids.append(threading.get_native_id())
-        started.set()
-        got.append(ring.poll(timeout=None, coalesce=0))
-
-    t = threading.Thread(target=wait)
+    t = threading.Thread(target=lambda: got.append(ring.poll(timeout=None, coalesce=0)))
     t.start()
-    started.wait()
-    # the waiter is in the kernel's poll once /proc says so (the event only
-    # says it is about to call ring.poll())
-    while _syscall_of(tids[0]) not in poll_syscalls:
-        os.sched_yield()
-    with pytest.raises(ringcore.RingError, match="while poll"):
-        ring.close()
-    assert ring.output(b"wake", ringcore.FORCE_WAKEUP)
-    t.join()
+    try:
+        wait_until_sleeping(t, POLL)
+        with pytest.raises(ringcore.RingError, match="while poll"):
+            ring.close()
+        assert ring.output(b"wake", ringcore.FORCE_WAKEUP)
+    finally:
+        t.join()
     assert got == [[b"wake"]]
     ring.close()
 
