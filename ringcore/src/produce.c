@@ -165,8 +165,9 @@ void rc_release_slot(struct rc_ring *r)
  * Add to one of this process's slot counters. An owned slot has one writer,
  * its process, using the handle from one thread at a time (the binding holds
  * the GIL; a C caller must do the same, see struct rc_ring), and owners
- * follow each other in order (claim()), so a plain load and store is enough; a locked add would also drain the store buffer,
- * the record just copied, on every call. Readers (rc_query()) load the
+ * follow each other in order (claim()), so a plain load and store is
+ * enough; a locked add would also drain the store buffer, the record just
+ * copied, on every call. Readers (rc_query()) load the
  * counters relaxed and see each value whole either way. Slot 0 is shared by
  * the processes that found no slot of their own: there, an atomic add.
  */
@@ -220,33 +221,29 @@ static bool pos_ok(struct rc_ring *r, uint64_t pos, uint64_t prod_pos)
 static uint64_t advance_pending(struct rc_ring *r, uint64_t prod_pos)
 {
 	uint64_t pend = r->prod->pending_pos;
+	bool pend_ok = pos_ok(r, pend, prod_pos);
 
 	/* Nothing before the consumer position is busy but records of dead
 	 * producers the consumer stepped over (see the loop below), so the
 	 * walk starts there when it is ahead. Without this, a consumer that
 	 * keeps up leaves a whole lap of headers to walk, each one a cache
 	 * miss, once per lap. Overwrite mode walks on every reservation, a
-	 * record or two, and does not pay for a fresh consumer_pos: the
-	 * cached one is only ever behind. Pairs with the consumer's
-	 * store-release of consumer_pos in rc_consume(). */
-	if (!r->overwrite)
+	 * record or two, and does not pay for a fresh consumer_pos unless
+	 * pending_pos is unusable: the cached one is only ever behind.
+	 * Pairs with the consumer's store-release of consumer_pos in
+	 * rc_consume(). */
+	if (!r->overwrite || !pend_ok)
 		r->cached_cons = atomic_load_explicit(&r->cons->consumer_pos,
 						      memory_order_acquire);
 	/* Untrusted memory (see span_ok() in consume.c): a pending_pos that
 	 * cannot be right is not walked from. The consumer position is a
 	 * record boundary with nothing busy behind it: restart there, or
 	 * leave pend as it is and let the room check refuse. */
-	if (!pos_ok(r, pend, prod_pos)) {
-		/* rare: here overwrite mode reads a fresh one too */
-		r->cached_cons = atomic_load_explicit(&r->cons->consumer_pos,
-						      memory_order_acquire);
-		if (!pos_ok(r, r->cached_cons, prod_pos))
-			return pend;
+	if (pos_ok(r, r->cached_cons, prod_pos) &&
+	    (!pend_ok || r->cached_cons > pend))
 		pend = r->cached_cons;
-	} else if (r->cached_cons > pend &&
-		   pos_ok(r, r->cached_cons, prod_pos)) {
-		pend = r->cached_cons;
-	}
+	else if (!pend_ok)
+		return pend;
 	while (pend < prod_pos) {
 		/* Relaxed: only the length is used here, to step over the
 		 * record; the payload is never read. */
