@@ -386,6 +386,18 @@ def run_once(method: Method, producers: int, size: int, per_producer: int) -> fl
     return got / elapsed
 
 
+def measure(
+    method: Method, producers: int, size: int, records: int, repeat: int
+) -> tuple[float, int]:
+    """Median records/s of repeat runs, and the records the peer lost in them.
+
+    records is per producer for ringcore; slow peers get method.scale of it.
+    """
+    n = max(1000, int(records * method.scale) // producers)
+    rate = statistics.median(run_once(method, producers, size, n) for _ in range(repeat))
+    return rate, LOST.pop(method.name, 0)
+
+
 def run_c_bench(records: int) -> str:
     exe = Path(tempfile.mkdtemp()) / "c_bench"
     src = ROOT / "ringcore" / "src"
@@ -427,11 +439,8 @@ def main() -> int:
             for m in METHODS:
                 if args.only and args.only not in m.name:
                     continue
-                n = max(1000, int(args.records * m.scale) // producers)
-                rates = [run_once(m, producers, size, n) for _ in range(args.repeat)]
-                rate = statistics.median(rates)
+                rate, lost = measure(m, producers, size, args.records, args.repeat)
                 results[(m.name, producers, size)] = rate
-                lost = LOST.pop(m.name, 0)
                 note = f"  ({lost} records lost by the peer)" if lost else ""
                 print(f"  {m.name:36s} {rate / 1e6:7.2f} M records/s{note}")
             peers = {

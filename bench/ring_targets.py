@@ -13,7 +13,6 @@ ratio once; this shows how it spreads on a noisy machine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,9 +26,7 @@ ZMQ = "pyzmq PUSH/PULL ipc"
 
 
 def measure(method: rb.Method, records: int, repeat: int) -> float:
-    n = max(1000, int(records * method.scale))
-    rate = statistics.median(rb.run_once(method, 1, 64, n) for _ in range(repeat))
-    lost = rb.LOST.pop(method.name, 0)
+    rate, lost = rb.measure(method, 1, 64, records, repeat)
     if lost:
         print(f"    ({method.name}: {lost} records lost by the peer)")
     return rate
