@@ -3,7 +3,8 @@
 All conditions must hold. `type` takes schema names (and "raw"); a
 `field.NAME` value ending in `*` matches as a prefix, otherwise exactly
 (numbers compare by their JSON text: field.pid=42); `sample=N` passes every
-Nth record that matched the rest. A filter keeps per-subscriber state (the
+Nth record that matched the rest. Gap records (a source's marker where it
+lost events) pass every filter. A filter keeps per-subscriber state (the
 sample counter), so each subscriber gets its own.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from service.batch import Batch
+from service.sources.gap import GAP_TYPE
 
 # the keys every record has, besides its schema's fields
 ENVELOPE_FIELDS = frozenset({"id", "ts_ns", "type", "type_id", "raw", "error", "_extra"})
@@ -37,6 +39,10 @@ class Filter:
         types, lines = batch.types, batch.lines
         keep: list[int] = []
         for i in range(len(lines)):
+            if types[i] == GAP_TYPE:
+                # a source's loss marker: every subscriber must learn of it
+                keep.append(i)
+                continue
             if tids is not None and types[i] not in tids:
                 continue
             if fields and not _fields_match(orjson.loads(lines[i]), fields):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ringcore
-from service.settings import ConfigError
+from service.settings import ConfigError, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 EX_CONFIG = 78
 
 SOURCE_MODULES = {
+    "bpf-ringbuf": "service.sources.bpf_ringbuf",
     "exec": "service.sources.exec",
     "plugin": "service.sources.plugin",
     "synthetic": "service.sources.synthetic",
@@ -103,14 +104,47 @@ def _integer(value: object, key: str, *, minimum: int) -> int:
     return value
 
 
+EXEC_METHODS = ("auto", "bpf", "proc")
+DEFAULT_BPF_RING_SIZE = 4 << 20
+
+
+def _kernel_ring_size(value: object, key: str) -> int:
+    size = parse_size(value, key)
+    page = os.sysconf("SC_PAGE_SIZE")
+    if size < page or size & (size - 1) or size > 1 << 30:
+        raise _fail(
+            key, f"must be a power of 2 from {page} bytes to 1GiB (a BPF ring buffer)", value
+        )
+    return size
+
+
 def _check_exec(src: Mapping[str, Any], key: str) -> dict[str, Any]:
     existing = src.get("existing", False)
     if not isinstance(existing, bool):
         raise _fail(f"{key}.existing", "must be true or false", existing)
+    method = src.get("method", "auto")
+    if method not in EXEC_METHODS:
+        raise _fail(f"{key}.method", f"must be one of {', '.join(EXEC_METHODS)}", method)
     return {
+        "method": method,
         "interval": _number(src.get("interval", 0.1), f"{key}.interval", minimum=0, positive=True),
         "existing": existing,
+        "bpf_ring_size": _kernel_ring_size(
+            src.get("bpf_ring_size", DEFAULT_BPF_RING_SIZE), f"{key}.bpf_ring_size"
+        ),
     }
+
+
+def _check_bpf_ringbuf(src: Mapping[str, Any], key: str) -> dict[str, Any]:
+    path = src.get("path")
+    if not isinstance(path, str) or not path:
+        raise _fail(
+            f"{key}.path", 'must be the path of a pinned ring buffer, e.g. "/sys/fs/bpf/NAME"', path
+        )
+    schema = src.get("schema")
+    if not isinstance(schema, str) or not schema:
+        raise _fail(f"{key}.schema", "must name a schema of the schema files", schema)
+    return {"path": path, "schema": schema}
 
 
 def _check_synthetic(src: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -150,7 +184,8 @@ def _check_plugin(src: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 # kind -> (its own keys, checker); "kind" and "instances" are common to all
 _KINDS = {
-    "exec": (("interval", "existing"), _check_exec),
+    "bpf-ringbuf": (("path", "schema"), _check_bpf_ringbuf),
+    "exec": (("method", "interval", "existing", "bpf_ring_size"), _check_exec),
     "synthetic": (("rate", "size", "mix"), _check_synthetic),
     "plugin": (("target", "options"), _check_plugin),
 }
@@ -163,6 +198,11 @@ def _instances(src: Mapping[str, Any], kind: str, key: str) -> int | None:
         # two scanners of one /proc would report every event twice
         if value != 1 or isinstance(value, bool):
             raise _fail(f"{key}.instances", "an exec source runs exactly 1 instance", value)
+        return 1
+    if kind == "bpf-ringbuf":
+        # a ring buffer has one consumer
+        if value != 1 or isinstance(value, bool):
+            raise _fail(f"{key}.instances", "a bpf-ringbuf source runs exactly 1 instance", value)
         return 1
     if value == "auto":
         return None

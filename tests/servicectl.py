@@ -58,7 +58,9 @@ class Service:
         *args: str,
         env: dict[str, str] | None = None,
         wait_ready: bool = True,
+        wrap: tuple[str, ...] = (),
     ) -> None:
+        """`wrap` runs the service under a command, e.g. ("setpriv", ...)."""
         self.config_path = tmp_path / "ringstream.toml"
         self.config_path.write_text(config)
         full_env = {
@@ -68,6 +70,7 @@ class Service:
         }
         self.proc = subprocess.Popen(
             [
+                *wrap,
                 sys.executable,
                 "-m",
                 "service",
@@ -187,11 +190,14 @@ def http_get(url: str) -> tuple[int, bytes]:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    wrap: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """`ringstream ARGS` to completion (for commands that exit by themselves)."""
     return subprocess.run(
-        [sys.executable, "-m", "service", *args],
+        [*wrap, sys.executable, "-m", "service", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},

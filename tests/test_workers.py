@@ -29,7 +29,7 @@ import uvloop
 import ringcore
 from service.record import HEADER, MAGIC, parse_header
 from service.sources import exec as exec_source
-from service.sources import plugin, synthetic
+from service.sources import gap, plugin, synthetic
 from service.workers import (
     EX_CONFIG,
     SourceConfigError,
@@ -153,6 +153,7 @@ def test_struct_formats_match_schemas_toml() -> None:
         exec_source.EXIT_TYPE: exec_source.EXIT,
         synthetic.SYNTHETIC_TYPE: synthetic.SYNTHETIC,
         synthetic.BLOB_TYPE: synthetic.BLOB,
+        gap.GAP_TYPE: gap.GAP,
     }
     for type_id, layout in ours.items():
         expected = struct.Struct(schema_format(by_type[type_id]["fields"]))
@@ -173,7 +174,12 @@ def test_plan_default_config() -> None:
         ("synthetic", 1, 3, 1),
         ("synthetic", 2, 3, 1),
     ]
-    assert specs[0].options == {"interval": 0.1, "existing": False}
+    assert specs[0].options == {
+        "method": "auto",
+        "interval": 0.1,
+        "existing": False,
+        "bpf_ring_size": 4 << 20,
+    }
     assert sum(s.options["rate"] for s in specs[1:]) == pytest.approx(5.0)
     assert all(s.options["size"] == 64 for s in specs[1:])
 
@@ -233,7 +239,7 @@ def test_plan_plugin_options() -> None:
         (
             [{"kind": "kafka"}],
             1,
-            "sources[0].kind: unknown source kind (known: exec, plugin, synthetic)",
+            "sources[0].kind: unknown source kind (known: bpf-ringbuf, exec, plugin, synthetic)",
         ),
         ([{"rate": 1}], 1, "sources[0].kind: missing"),
         (
@@ -407,7 +413,7 @@ def decode_exec(rec: bytes) -> dict[str, Any]:
     head = parse_header(rec)
     assert head is not None
     if head[0] == exec_source.EXEC_TYPE:
-        _, _, _, _, pid, ppid, uid, comm, filename, cmdline = exec_source.EXEC.unpack(rec)
+        _, _, _, _, pid, ppid, uid, comm, filename, cmdline, xid, cut = exec_source.EXEC.unpack(rec)
         return {
             "type": "exec",
             "pid": pid,
@@ -416,9 +422,11 @@ def decode_exec(rec: bytes) -> dict[str, Any]:
             "comm": comm.rstrip(b"\0").decode(),
             "filename": filename.rstrip(b"\0").decode(),
             "cmdline": cmdline.rstrip(b"\0").decode(),
+            "exec_id": xid.rstrip(b"\0").decode(),
+            "truncated": cut,
         }
     assert head[0] == exec_source.EXIT_TYPE
-    _, _, _, _, pid, ppid, uid, code, comm, lifetime = exec_source.EXIT.unpack(rec)
+    _, _, _, _, pid, ppid, uid, code, comm, lifetime, xid = exec_source.EXIT.unpack(rec)
     return {
         "type": "exit",
         "pid": pid,
@@ -427,6 +435,7 @@ def decode_exec(rec: bytes) -> dict[str, Any]:
         "exit_code": code,
         "comm": comm.rstrip(b"\0").decode(),
         "lifetime_ns": lifetime,
+        "exec_id": xid.rstrip(b"\0").decode(),
     }
 
 

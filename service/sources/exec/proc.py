@@ -1,4 +1,4 @@
-"""The exec source: process exec and exit events, seen by polling /proc (no privileges).
+"""The exec source's /proc method: exec and exit events seen by polling /proc (no privileges).
 
 Every `interval` seconds the scanner lists /proc and compares it with the
 previous scan:
@@ -46,9 +46,9 @@ from service.workers import StopFlag, deliver
 EXEC_TYPE = 1
 EXIT_TYPE = 2
 # header + the fields of config/schemas.toml, in order (tests check them)
-EXEC = struct.Struct("<2sHIQ" + "III16s128s256s")
-EXIT = struct.Struct("<2sHIQ" + "IIIi16sQ")
-COMM_SIZE, FILENAME_SIZE, CMDLINE_SIZE = 16, 128, 256
+EXEC = struct.Struct("<2sHIQ" + "III16s128s256s24sB")
+EXIT = struct.Struct("<2sHIQ" + "IIIi16sQ24s")
+COMM_SIZE, FILENAME_SIZE, CMDLINE_SIZE, EXEC_ID_SIZE = 16, 128, 256, 24
 
 PF_KTHREAD = 0x00200000  # /proc/pid/stat flags: a kernel thread
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -64,6 +64,12 @@ def fit(text: bytes, size: int) -> bytes:
     while end > 0 and size - end < 4 and text[end] & 0xC0 == 0x80:
         end -= 1
     return text[:end]
+
+
+def exec_id(pid: int, start_ticks: int) -> bytes:
+    """What ties a process's exec and exit records together: its pid and start time
+    (clock ticks after boot, /proc/pid/stat's starttime), so a reused pid gets a new one."""
+    return b"%d-%d" % (pid, start_ticks)
 
 
 def wait_status_code(status: int) -> int:
@@ -94,6 +100,7 @@ class Proc:
     comm: bytes
     exe: bytes
     cmdline: bytes
+    truncated: bool = False  # cmdline or exe cut to its field
     exited: bool = False  # exit already reported (seen as a zombie)
 
 
@@ -184,8 +191,8 @@ class Scanner:
                 known.exited = True
                 out.append(self._exit(pid, known, self._exit_code(pid, known, st)))
             return
-        cmdline = fit(_read(f"{base}/cmdline", CMDLINE_SIZE + 1).rstrip(b"\0"), CMDLINE_SIZE)
-        cmdline = cmdline.replace(b"\0", b" ")
+        full = _read(f"{base}/cmdline", CMDLINE_SIZE + 1).rstrip(b"\0")
+        cmdline = fit(full, CMDLINE_SIZE).replace(b"\0", b" ")
         if not cmdline and pid not in self._deferred:
             # Mid-exec the new image's comm and exe are in place before the
             # kernel sets up its argv (cmdline reads empty): look again next
@@ -200,7 +207,8 @@ class Scanner:
         except OSError:
             exe = b""  # not permitted: another user's process
         if known is None or (known.comm, known.exe, known.cmdline) != (st.comm, exe, cmdline):
-            p = Proc(st.start, st.ppid, self._uid(base), st.comm, exe, cmdline)
+            cut = len(full) > CMDLINE_SIZE or len(exe) > FILENAME_SIZE
+            p = Proc(st.start, st.ppid, self._uid(base), st.comm, exe, cmdline, cut)
             self.procs[pid] = p
             if emit:
                 out.append(self._exec(pid, p))
@@ -246,6 +254,8 @@ class Scanner:
             fit(p.comm, COMM_SIZE),
             fit(p.exe, FILENAME_SIZE),
             p.cmdline,
+            exec_id(pid, p.start),
+            1 if p.truncated else 0,
         )
 
     def _exit(self, pid: int, p: Proc, code: int) -> bytes:
@@ -264,6 +274,7 @@ class Scanner:
             code,
             fit(p.comm, COMM_SIZE),
             lifetime,
+            exec_id(pid, p.start),
         )
 
 
@@ -271,7 +282,7 @@ def _u32(uid: int) -> int:
     return uid & 0xFFFF_FFFF  # an unknown uid (-1) as the kernel writes it: 4294967295
 
 
-def run(ring: ringcore.Ring, options: Mapping[str, Any], *, instance: int, stop: StopFlag) -> None:
+def run_proc(ring: ringcore.Ring, options: Mapping[str, Any], *, stop: StopFlag) -> None:
     interval = float(options["interval"])
     scanner = Scanner(existing=bool(options.get("existing", False)))
     next_scan = time.monotonic()

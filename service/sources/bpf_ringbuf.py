@@ -1,0 +1,52 @@
+"""The bpf-ringbuf source: any pinned BPF_MAP_TYPE_RINGBUF, streamed as records of a schema.
+
+Someone else's BPF program writes raw structs into a ring buffer pinned at
+`path` (bpftool map pin, or libbpf's pin_maps); its records carry no
+ringstream header, so `schema` names the schema (from the schema files) that
+decodes them. The service process opens the pinned map (service/kernel.py:
+a wrong path or a map of another type fails the start) and hands its
+descriptor to this worker, which consumes the kernel ring with
+ringcore.KernelRing and writes each record, behind a header of the schema's
+type stamped with the time it was read, into the service's ring. From there
+on they are records like any other: ids, filters, resume, metrics.
+
+A record shorter than its schema is delivered raw with the reason, longer
+ones carry the rest as "_extra" (the schema rules). Nothing is dropped here:
+when the service's ring is full this worker waits, and it is the BPF
+program's reservations that then fail, which only it can count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import ringcore
+from service.bpf.fds import MapFd
+from service.record import HEADER, MAGIC
+from service.workers import StopFlag, deliver
+
+POLL_TIMEOUT = 0.1
+BATCH = 4096
+
+
+def frame(type_id: int, records: list[bytes]) -> list[bytes]:
+    ts = time.time_ns()
+    head = HEADER.pack(MAGIC, type_id, 0, ts)
+    return [head + r for r in records]
+
+
+def run(ring: ringcore.Ring, options: Mapping[str, Any], *, instance: int, stop: StopFlag) -> None:
+    fd: MapFd = options["map"]
+    type_id = int(options["type_id"])
+    kring = ringcore.KernelRing(fd.fd)
+    fd.close()
+    try:
+        while not stop.is_set():
+            batch = kring.poll(timeout=POLL_TIMEOUT, max_records=BATCH)
+            if batch:
+                deliver(ring, frame(type_id, batch), stop)
+        deliver(ring, frame(type_id, kring.consume()), stop)
+    finally:
+        kring.close()
