@@ -1,18 +1,21 @@
 """The service's lifecycle: start everything in order, run, drain and stop.
 
 Start: schemas and encoder, worker plan (config errors surface here, before
-anything runs), the ring (allocated up front, so a ring that does not fit
-its tmpfs fails now, not with SIGBUS later), HTTP, the consumer, then the
-workers; /readyz turns 200.
+anything runs), then the components in order: the ring (allocated up front,
+so a ring that does not fit its tmpfs fails now, not with SIGBUS later), the
+attach socket, the kernel sources (BPF programs loaded, pinned rings
+opened), HTTP, the consumer, the workers; /readyz turns 200.
 
 Stop (SIGTERM or SIGINT), within server.shutdown_timeout: /readyz 503 and
-new subscribers refused, workers stopped, the ring drained to the
-subscribers, streams flushed and ended (WebSockets closed with 1001), exit 0.
+new subscribers refused, then the components in reverse: workers stopped,
+the ring drained to the subscribers, streams flushed and ended (WebSockets
+closed with 1001), BPF programs detached, the ring closed; exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import logging
@@ -20,6 +23,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -31,6 +35,7 @@ from service.consumer import RingConsumer
 from service.endpoints import State, make_app
 from service.fanout import Hub
 from service.filters import FilterSchema
+from service.kernel import KernelSourceError, KernelSources
 from service.metrics import Latency, ServiceCollector
 from service.schema import SchemaError, builtin_schemas, compile_encoder, load_schema_file
 from service.settings import Config, ConfigError
@@ -133,86 +138,140 @@ def _raise_fd_limit() -> None:
 
 
 class Service:
-    """The running service; `run()` returns the process exit status."""
+    """The running service; `run()` returns the process exit status.
+
+    Each component is an async generator method in the manner of aiohttp's
+    cleanup_ctx: the code before its `yield` starts it, the code after stops
+    it, and `run()` enters them in COMPONENTS order and leaves them in
+    reverse. A component that fails to start stops those already started.
+    """
+
+    COMPONENTS = ("_ring", "_attach", "_kernel_sources", "_http", "_consumer", "_workers")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.stop_requested = asyncio.Event()
         self.port: int | None = None
+        self.stop_began: float | None = None  # monotonic
+        self.deadline = 0.0  # stop_began + server.shutdown_timeout
+        self.drained = 0
 
     async def run(self) -> int:
+        self._plan()
+        async with contextlib.AsyncExitStack() as stack:
+            for name in self.COMPONENTS:
+                component = contextlib.asynccontextmanager(getattr(self, name))
+                await stack.enter_async_context(component())
+            self._serving()
+            await self.stop_requested.wait()
+            self._stopping()
+        return 0
+
+    # --- before anything runs: what the configuration asks for ------------
+
+    def _plan(self) -> None:
+        """Config errors surface here, before anything is started."""
         cfg = self.cfg
         _raise_fd_limit()
-        schemas = load_schemas(cfg)
-        encoder = compile_encoder(schemas)
+        self.schemas = load_schemas(cfg)
+        self.encoder = compile_encoder(self.schemas)
         count = cfg["workers"]["count"] or available_cpus()
-        specs = plan_workers([dict(s) for s in cfg.sources], count)
-        _check_plugins(specs)
-        ring = create_ring(cfg)
+        self.specs = plan_workers([dict(s) for s in cfg.sources], count)
+        _check_plugins(self.specs)
+
+    # --- the components, in start order ------------------------------------
+
+    async def _ring(self) -> AsyncIterator[None]:
+        """The ring, allocated up front (so it fails now, not with SIGBUS later),
+        and what reads it: the hub, the consumer, the metrics."""
+        cfg = self.cfg
+        self.ring = ring = create_ring(cfg)
         subs = cfg["subscribers"]
-        hub = Hub(
+        self.hub = Hub(
             queue_records=subs["queue_records"],
             queue_bytes=subs["queue_bytes"],
             policy=subs["policy"],
             history_records=subs["history_records"],
             history_bytes=subs["history_bytes"],
         )
-        consumer = RingConsumer(
+        self.consumer = RingConsumer(
             ring,
-            encoder,
-            hub,
+            self.encoder,
+            self.hub,
             batch=cfg["consumer"]["batch"],
             stall_recheck=cfg["consumer"]["stall_recheck"],
             coalesce=cfg["consumer"]["coalesce"],
         )
-        supervisor = Supervisor(
-            ring,
-            specs,
-            backoff_initial=cfg["workers"]["backoff_initial"],
-            backoff_max=cfg["workers"]["backoff_max"],
-            backoff_reset=cfg["workers"]["backoff_reset"],
-            log=logging.getLogger("ringstream.workers"),
-        )
-        registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry(auto_describe=True)
         latency = Latency()
-        registry.register(latency)
-        st = State(
+        self.registry.register(latency)
+        self.state = State(
             ring=ring,
-            hub=hub,
-            consumer=consumer,
+            hub=self.hub,
+            consumer=self.consumer,
             filters=FilterSchema(
-                {s.name: s.type_id for s in schemas},
-                (f.name for s in schemas for f in s.fields),
+                {s.name: s.type_id for s in self.schemas},
+                (f.name for s in self.schemas for f in s.fields),
             ),
-            registry=registry,
+            registry=self.registry,
             latency=latency,
             settings=subs,
             batch=cfg["consumer"]["batch"],
         )
-        collector = ServiceCollector(
-            ring,
-            hub,
-            supervisor,
-            encoder,
-            supervisor.source_of,
-            lambda: st.phase == "ready",
-        )
-        # a series per source from the start, so the first refusals show in rate()
-        for kind in {*(s.kind for s in specs), "external"}:
-            collector.slots.failures[kind] += 0
-        registry.register(collector)
-        attach = None
-        if cfg["ring"]["attach_socket"]:
-            uids = {os.getuid(), *cfg["ring"]["attach_uids"]}
+        try:
+            yield
+        finally:
+            if self.stop_began is not None:
+                log.info(
+                    "stopped",
+                    extra={
+                        "event": "stop",
+                        "drained_records": self.drained,
+                        "last_id": self.hub.history.last,
+                        "consumed_records": self.consumer.records,
+                        "left_in_ring_bytes": ring.query().avail_data,
+                        "seconds": round(time.monotonic() - self.stop_began, 3),
+                    },
+                )
+            ring.close()
+
+    async def _attach(self) -> AsyncIterator[None]:
+        """The Unix socket external producers attach through (ring.attach_socket)."""
+        self.attach = None
+        if self.cfg["ring"]["attach_socket"]:
+            uids = {os.getuid(), *self.cfg["ring"]["attach_uids"]}
             try:
-                attach = ringcore.serve(ring, cfg["ring"]["attach_socket"], allowed_uids=uids)
+                self.attach = ringcore.serve(
+                    self.ring, self.cfg["ring"]["attach_socket"], allowed_uids=uids
+                )
             except OSError as e:
                 raise StartupError(f"ring.attach_socket: {e}") from None
+        try:
+            yield
+        finally:
+            if self.attach is not None:
+                self.attach.close()
 
-        runner = web.AppRunner(make_app(st), handle_signals=False, shutdown_timeout=1.0)
+    async def _kernel_sources(self) -> AsyncIterator[None]:
+        """BPF programs and pinned kernel rings the sources read; held until the
+        workers that read them have stopped."""
+        self.kernel = KernelSources()
+        try:
+            self.specs = self.kernel.open(self.specs, self.schemas)
+        except KernelSourceError as e:
+            raise StartupError(str(e)) from None
+        self.registry.register(self.kernel)
+        try:
+            yield
+        finally:
+            self.kernel.close()
+
+    async def _http(self) -> AsyncIterator[None]:
+        """The HTTP server; at stop, the streams end (flushed, WebSockets 1001) first."""
+        runner = web.AppRunner(make_app(self.state), handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        host, port = cfg["server"]["host"], cfg["server"]["port"]
-        site = web.TCPSite(runner, host, port, backlog=cfg["server"]["backlog"])
+        host, port = self.cfg["server"]["host"], self.cfg["server"]["port"]
+        site = web.TCPSite(runner, host, port, backlog=self.cfg["server"]["backlog"])
         try:
             await site.start()
         except OSError as e:
@@ -221,13 +280,66 @@ class Service:
                 f"server.port: cannot listen on {host}:{port}: {e.strerror}"
             ) from None
         self.port = _bound_port(runner, port)
+        try:
+            yield
+        finally:
+            self.hub.close_all("shutdown")
+            pending = set(self.state.streams)
+            if pending:
+                _, late = await asyncio.wait(
+                    pending, timeout=max(0.1, self.deadline - time.monotonic() - 0.5)
+                )
+                for task in late:
+                    task.cancel()
+            await runner.cleanup()
 
+    async def _consumer(self) -> AsyncIterator[None]:
+        """The ring's consumer on the loop; at stop, what is left is drained."""
+        self.consumer.start()
+        try:
+            yield
+        finally:
+            self.consumer.stop()
+            self.drained = self.consumer.drain()
+
+    async def _workers(self) -> AsyncIterator[None]:
+        """The worker processes and the signals that stop the service."""
+        cfg = self.cfg
+        self.supervisor = Supervisor(
+            self.ring,
+            self.specs,
+            backoff_initial=cfg["workers"]["backoff_initial"],
+            backoff_max=cfg["workers"]["backoff_max"],
+            backoff_reset=cfg["workers"]["backoff_reset"],
+            log=logging.getLogger("ringstream.workers"),
+        )
+        collector = ServiceCollector(
+            self.ring,
+            self.hub,
+            self.supervisor,
+            self.encoder,
+            self.supervisor.source_of,
+            lambda: self.state.phase == "ready",
+        )
+        # a series per source from the start, so the first refusals show in rate()
+        for kind in {*(s.kind for s in self.specs), "external"}:
+            collector.slots.failures[kind] += 0
+        self.registry.register(collector)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
-        consumer.start()
-        await supervisor.start()
-        st.phase = "ready"
+        await self.supervisor.start()
+        try:
+            yield
+        finally:
+            left = self.deadline - time.monotonic()
+            await self.supervisor.stop(max(0.5, min(3.0, left - 1.5)))
+
+    # --- the transitions ----------------------------------------------------
+
+    def _serving(self) -> None:
+        cfg = self.cfg
+        self.state.phase = "ready"
         # what start-up built lives as long as the service: keep it out of
         # every full collection's scan
         gc.freeze()
@@ -236,51 +348,28 @@ class Service:
             extra={
                 "event": "start",
                 "version": __version__,
-                "host": host,
+                "host": cfg["server"]["host"],
                 "port": self.port,
-                "ring_size": ring.size,
+                "ring_size": self.ring.size,
                 "ring_memory": cfg["ring"]["shm_dir"],
-                "workers": len(specs),
-                "sources": sorted({s.kind for s in specs}),
+                "workers": len(self.specs),
+                "sources": sorted({s.kind for s in self.specs}),
+                **self.kernel.summary(),
                 "config": cfg.origin,
                 "attach_socket": cfg["ring"]["attach_socket"] or None,
                 "pid": os.getpid(),
             },
         )
 
-        await self.stop_requested.wait()
-        t0 = time.monotonic()
-        deadline = t0 + cfg["server"]["shutdown_timeout"]
-        st.phase = "draining"
+    def _stopping(self) -> None:
+        """/readyz 503 and new subscribers refused, no new producers; the
+        components then stop in reverse order within server.shutdown_timeout."""
+        self.stop_began = time.monotonic()
+        self.deadline = self.stop_began + self.cfg["server"]["shutdown_timeout"]
+        self.state.phase = "draining"
         log.info("stopping", extra={"event": "stopping"})
-        if attach is not None:
-            attach.close()
-        await supervisor.stop(max(0.5, min(3.0, deadline - time.monotonic() - 1.5)))
-        consumer.stop()
-        drained = consumer.drain()
-        hub.close_all("shutdown")
-        pending = set(st.streams)
-        if pending:
-            _, late = await asyncio.wait(
-                pending, timeout=max(0.1, deadline - time.monotonic() - 0.5)
-            )
-            for task in late:
-                task.cancel()
-        await runner.cleanup()
-        left = ring.query().avail_data
-        log.info(
-            "stopped",
-            extra={
-                "event": "stop",
-                "drained_records": drained,
-                "last_id": hub.history.last,
-                "consumed_records": consumer.records,
-                "left_in_ring_bytes": left,
-                "seconds": round(time.monotonic() - t0, 3),
-            },
-        )
-        ring.close()
-        return 0
+        if self.attach is not None:
+            self.attach.close()
 
 
 def _bound_port(runner: web.AppRunner, asked: int) -> int:
