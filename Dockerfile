@@ -12,16 +12,16 @@
 # headers and the venv module (the official slim image has all three).
 ARG PYTHON_IMAGE=python:3.11-slim
 
-# --- build: compile the C extension into a wheel, next to its dependencies' wheels
+# --- build: compile the C extension and the BPF objects into a wheel, next to
+# its dependencies' wheels (clang -target bpf, libbpf's headers, <linux/bpf.h>)
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 RUN set -eux; \
-    if ! command -v gcc >/dev/null; then \
-        apt-get update; \
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev; \
-        rm -rf /var/lib/apt/lists/*; \
-    fi; \
+    apt-get update; \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        gcc libc6-dev clang libbpf-dev linux-libc-dev; \
+    rm -rf /var/lib/apt/lists/*; \
     python3 -m venv /opt/build
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
@@ -29,15 +29,19 @@ COPY config config
 COPY ringcore ringcore
 COPY service service
 RUN /opt/build/bin/pip wheel --wheel-dir /wheels . \
-    && ls /wheels/ringstream-*.whl
+    && ls /wheels/ringstream-*.whl \
+    && python3 -m zipfile -l /wheels/ringstream-*.whl | grep -q 'exec/exec.bpf.o'
+
 
 # --- runtime: the wheels installed into a venv; no compiler, no pip cache, no apt lists
 FROM ${PYTHON_IMAGE} AS runtime
-# tini; a user; and a base that ships a compiler (a full Debian image) loses
-# it: the packages owning the compiler drivers and assembler/linker are purged
+# tini; libbpf1 (the exec source's BPF method loads its program with it,
+# through ctypes); a user; and a base that ships a compiler (a full Debian
+# image) loses it: the packages owning the compiler drivers and
+# assembler/linker are purged
 RUN set -eux; \
     apt-get update; \
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tini; \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tini libbpf1; \
     cc_pkgs=$(for t in cc gcc cpp c++ g++ clang as ld; do \
         p=$(command -v "$t") && dpkg -S "$(readlink -f "$p")"; \
     done 2>/dev/null | cut -d: -f1 | sort -u); \

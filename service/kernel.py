@@ -33,6 +33,18 @@ from service.workers import WorkerSpec
 log = logging.getLogger("ringstream.sources")
 
 
+def _map_id(fd: int) -> int | None:
+    """The kernel's id of the map behind `fd` (two pins of one map share it)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("map_id:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 class KernelSourceError(Exception):
     """A kernel source cannot start; the message names the key and the reason."""
 
@@ -49,6 +61,7 @@ class KernelSources:
         self.exec_method: str | None = None
         self._rings: list[_Ring] = []
         self._fds: list[MapFd] = []
+        self._ring_ids: dict[int, str] = {}  # kernel map id -> the source key reading it
 
     def open(self, specs: Sequence[WorkerSpec], schemas: Sequence[Schema]) -> list[WorkerSpec]:
         """The specs with their kernel descriptors; raises KernelSourceError or ConfigError."""
@@ -103,6 +116,15 @@ class KernelSources:
             kring = ringcore.KernelRing(path=path)
         except (OSError, ValueError, ringcore.RingError) as e:
             raise KernelSourceError(f"{key}.path: cannot open {path}: {e}") from None
+        map_id = _map_id(kring.map_fd)
+        if map_id is not None and map_id in self._ring_ids:
+            kring.close()
+            raise ConfigError(
+                f"{key}.path: {path} is the ring buffer {self._ring_ids[map_id]} reads "
+                "already (a ring buffer has one consumer)"
+            )
+        if map_id is not None:
+            self._ring_ids[map_id] = key
         self._rings.append(_Ring(path, kring))
         fd = MapFd(os.dup(kring.map_fd), path)
         self._fds.append(fd)

@@ -309,6 +309,34 @@ class StopFlag:
         os.close(self._w)
 
 
+class Grace:
+    """A StopFlag for delivering records already taken out of a kernel ring.
+
+    Those records exist nowhere else: after `stop` is set, a full ring is
+    still retried for `seconds` more (the service's consumer keeps draining
+    until the workers are gone), rather than given up at once.
+    """
+
+    def __init__(self, stop: StopFlag, seconds: float = 1.0) -> None:
+        self.stop = stop
+        self.seconds = seconds
+        self._until: float | None = None
+
+    def is_set(self) -> bool:
+        if not self.stop.is_set():
+            return False
+        if self._until is None:
+            self._until = time.monotonic() + self.seconds
+        return time.monotonic() >= self._until
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self.stop.is_set():
+            self.stop.wait(timeout)
+        elif timeout:
+            time.sleep(min(timeout, 0.01))
+        return self.is_set()
+
+
 class Terminated(Exception):
     """Raised by SIGTERM in a worker whose source does not watch its StopFlag."""
 
@@ -317,7 +345,7 @@ class Producer(Protocol):
     def output_many(self, records: Sequence[bytes], flags: int = 0) -> int: ...
 
 
-def deliver(ring: Producer, records: Sequence[bytes], stop: StopFlag) -> int:
+def deliver(ring: Producer, records: Sequence[bytes], stop: StopFlag | Grace) -> int:
     """Put `records` in the ring in order, backing off while it is full.
 
     Nothing is dropped: a full ring is retried (each refusal is counted by the

@@ -202,6 +202,12 @@ def test_serve_stream_metrics_and_sigterm(image: str) -> None:
         start = next(e for e in json_lines(c.log.lines) if e and e.get("event") == "start")
         assert start["ring_size"] == DEFAULT_RING_SIZE
         assert start["ring_memory"] == "/dev/shm"
+        # no capabilities given: the exec source says why it is not on BPF
+        assert start["exec_method"] == "proc"
+        (fallback,) = [
+            e for e in json_lines(c.log.lines) if e and e.get("event") == "exec_method_fallback"
+        ]
+        assert fallback["level"] == "warning" and "CAP_BPF" in fallback["msg"]
         assert json.loads(wait_healthy(c.url("/healthz"))) == {"status": "ok"}
         assert http_get(c.url("/readyz"))[0] == 200
 
@@ -262,6 +268,67 @@ def test_serve_stream_metrics_and_sigterm(image: str) -> None:
             curl.kill()
             curl.wait()
         c.close()
+
+
+BPF_CAPS = ("--cap-add=BPF", "--cap-add=PERFMON", "--security-opt=seccomp=unconfined")
+
+
+def test_exec_events_on_bpf_with_the_capabilities(image: str) -> None:
+    """The README's docker run line for the BPF method: processes started inside
+    the container show up with their exact exit codes."""
+    c = Container(
+        image, *BPF_CAPS, "--env=RINGSTREAM_SOURCES_0_METHOD=bpf", "--publish=127.0.0.1::8080"
+    )
+    curl = None
+    try:
+        c.log.wait(has_event("start"), "the service's start log line")
+        start = next(e for e in json_lines(c.log.lines) if e and e.get("event") == "start")
+        assert start["exec_method"] == "bpf", c.log.lines
+        wait_healthy(c.url("/healthz"))
+        curl = subprocess.Popen(
+            ["curl", "-N", "-sS", c.url("/events?type=exec,exit")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert curl.stdout is not None
+        events = Lines(curl.stdout)
+        marks = {f"INSIDE-{uuid.uuid4().hex[:8]}-{k}": k for k in (0, 3, 42)}
+        for mark, k in marks.items():
+            assert c.exec("sh", "-c", f"exit {k}", mark).returncode == k
+
+        def exits(lines: list[str]) -> dict[str, int]:
+            recs = [r for r in json_lines(lines) if isinstance(r, dict)]
+            execs = {
+                r["exec_id"]: r["cmdline"].split()[-1]
+                for r in recs
+                if r["type"] == "exec"
+                and r["cmdline"].split()[-1:]
+                and r["cmdline"].split()[-1] in marks
+            }
+            return {
+                execs[r["exec_id"]]: r["exit_code"]
+                for r in recs
+                if r["type"] == "exit" and r["exec_id"] in execs
+            }
+
+        events.wait(lambda lines: len(exits(lines)) == len(marks), "the exit records")
+        assert exits(events.lines) == marks
+        podman("stop", "--time=10", c.name, timeout=WAIT)
+        assert c.exit_status() == 0, "\n".join(c.log.wait_end())
+    finally:
+        if curl is not None and curl.poll() is None:
+            curl.kill()
+            curl.wait()
+        c.close()
+
+
+def test_bpf_method_under_the_default_seccomp_profile_exits_2_saying_so(image: str) -> None:
+    r = podman(
+        "run", "--rm", "--cap-add=BPF", "--cap-add=PERFMON",
+        "--env=RINGSTREAM_SOURCES_0_METHOD=bpf", image, check=False,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "seccomp" in r.stderr and "EPERM" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize(

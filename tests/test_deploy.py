@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -560,3 +561,21 @@ def test_kubernetes_probe_paths_answer_on_the_service(stack: tuple[Service, Prom
     metrics = k8s_objects()["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     status, body = http_get(svc.url(metrics["prometheus.io/path"]))
     assert status == 200 and b"ringstream_ring_size_bytes" in body
+
+
+def test_kubernetes_bpf_patch_names_the_deployment_and_its_exec_source() -> None:
+    """deploy/k8s/bpf/exec-bpf.patch.yaml: the container it patches exists, the
+    env var it sets is the exec source's method, and it asks for the two
+    capabilities the BPF method needs (checked here: there is no cluster)."""
+    patch = read_yaml(K8S / "bpf" / "exec-bpf.patch.yaml")["spec"]["template"]["spec"]
+    objs = k8s_objects()
+    (c,) = objs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    (pc,) = patch["containers"]
+    assert pc["name"] == c["name"]
+    assert pc["securityContext"]["capabilities"]["add"] == ["BPF", "PERFMON"]
+    assert patch["securityContext"]["runAsUser"] == 0
+    assert patch["securityContext"]["seccompProfile"]["type"] == "Unconfined"
+    (env,) = pc["env"]
+    assert env == {"name": "RINGSTREAM_SOURCES_0_METHOD", "value": "bpf"}
+    config = next(iter(objs["ConfigMap"]["data"].values()))
+    assert tomllib.loads(config)["sources"][0]["kind"] == "exec"

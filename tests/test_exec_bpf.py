@@ -12,6 +12,7 @@ naming the capability.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import signal
@@ -58,7 +59,10 @@ def exec_config(**keys: Any) -> str:
 
 
 class Stream:
-    """Every record `curl -N` prints for an NDJSON stream, read by a thread, with waits."""
+    """Every record `curl -N` prints for an NDJSON stream, read by a thread, with waits.
+
+    Open it with ?from=0: the history then holds what happened before curl
+    connected, so the test need not wait for the connection."""
 
     def __init__(self, url: str) -> None:
         self.records: list[dict[str, Any]] = []
@@ -84,7 +88,8 @@ class Stream:
             while not cond(self.records):
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._thread.is_alive():
-                    raise AssertionError(f"{what}: not seen in {len(self.records)} records")
+                    kinds = collections.Counter(r["type"] for r in self.records)
+                    raise AssertionError(f"{what}: not seen in the records: {kinds}")
                 self._cond.wait(left)
 
     def close(self) -> None:
@@ -128,7 +133,7 @@ def test_every_short_lived_process_has_its_exec_and_exit(svc: Service) -> None:
     assert start["exec_method"] == "bpf"
     run = uuid.uuid4().hex[:8]
     expected: dict[str, int] = {}  # mark -> exit code
-    with Stream(svc.url("/events?type=exec,exit")) as st:
+    with Stream(svc.url("/events?type=exec,exit&from=0")) as st:
         for i in range(500):
             mark = f"MARK-{run}-{i}"
             code = i % 120
@@ -174,7 +179,9 @@ def test_every_short_lived_process_has_its_exec_and_exit(svc: Service) -> None:
 
 def test_long_argv_is_cut_and_flagged(svc: Service) -> None:
     mark = f"LONG-{uuid.uuid4().hex[:8]}"
-    with Stream(svc.url(f"/events?type=exec&field.cmdline=sh%20-c%20exit%200%20{mark}*")) as st:
+    with Stream(
+        svc.url(f"/events?from=0&type=exec&field.cmdline=sh%20-c%20exit%200%20{mark}*")
+    ) as st:
         subprocess.run(["sh", "-c", "exit 0", mark, "x" * 400], check=True)
         st.wait(lambda rs: any(mark in r["cmdline"] for r in rs), "the long exec")
         rec = next(r for r in st.records if mark in r["cmdline"])
@@ -218,10 +225,15 @@ def _worker_pids(service_pid: int) -> list[int]:
 def test_a_ring_too_small_for_a_burst_counts_every_loss_in_the_stream(tmp_path: Path) -> None:
     page = os.sysconf("SC_PAGE_SIZE")
     with Service(tmp_path, exec_config(method="bpf", bpf_ring_size=page)) as svc:
-        (worker,) = _worker_pids(svc.proc.pid)
         run = uuid.uuid4().hex[:8]
         n = 200
         with Stream(svc.url("/events?from=0")) as st:
+            # a record through the worker: it runs (its pid is its own by now)
+            subprocess.run(["sh", "-c", "exit 0", f"READY-{run}"], check=True)
+            st.wait(
+                lambda rs: any(f"READY-{run}" in r.get("cmdline", "") for r in rs), "a first exec"
+            )
+            (worker,) = _worker_pids(svc.proc.pid)
             # the worker held, the kernel ring (a page: 8 exec records) fills
             os.kill(worker, signal.SIGSTOP)
             try:
@@ -274,7 +286,7 @@ def test_auto_without_capabilities_falls_back_to_proc(tmp_path: Path) -> None:
         assert metric_values(svc, "ringstream_exec_method") == {'{method="proc"}': 1.0}
         assert sum(1 for e in svc.logs if e.get("event") == "exec_method_fallback") == 1
         mark = f"PROC-{uuid.uuid4().hex[:8]}"
-        with Stream(svc.url("/events?type=exec")) as st:
+        with Stream(svc.url("/events?type=exec&from=0")) as st:
             p = subprocess.Popen(["sh", "-c", "read x", mark], stdin=subprocess.PIPE)
             try:
                 st.wait(lambda rs: any(mark in r["cmdline"] for r in rs), "the /proc exec record")

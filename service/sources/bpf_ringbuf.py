@@ -18,6 +18,7 @@ program's reservations that then fail, which only it can count.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +26,9 @@ from typing import Any
 import ringcore
 from service.bpf.fds import MapFd
 from service.record import HEADER, MAGIC
-from service.workers import StopFlag, deliver
+from service.workers import Grace, StopFlag, deliver
+
+log = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 0.1
 BATCH = 4096
@@ -42,11 +45,19 @@ def run(ring: ringcore.Ring, options: Mapping[str, Any], *, instance: int, stop:
     type_id = int(options["type_id"])
     kring = ringcore.KernelRing(fd.fd)
     fd.close()
+    grace = Grace(stop)
     try:
+        # what is still in the pinned ring at stop stays there for the next start
         while not stop.is_set():
             batch = kring.poll(timeout=POLL_TIMEOUT, max_records=BATCH)
             if batch:
-                deliver(ring, frame(type_id, batch), stop)
-        deliver(ring, frame(type_id, kring.consume()), stop)
+                records = frame(type_id, batch)
+                done = deliver(ring, records, grace)
+                if done < len(records):
+                    log.warning(
+                        "stopped with %d records taken from %s not delivered: the ring was full",
+                        len(records) - done,
+                        options.get("path"),
+                    )
     finally:
         kring.close()

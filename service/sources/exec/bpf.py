@@ -24,6 +24,7 @@ is empty (at most every IDLE_SWEEP seconds), and reported the same way.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import time
@@ -48,7 +49,9 @@ from service.sources.exec.proc import (
     wait_status_code,
 )
 from service.sources.gap import KERNEL_RING_FULL, gap_record
-from service.workers import StopFlag, deliver
+from service.workers import Grace, StopFlag, deliver
+
+log = logging.getLogger(__name__)
 
 OBJECT = Path(__file__).with_name("exec.bpf.o")
 WHAT = "exec source (method bpf)"
@@ -240,6 +243,13 @@ def run_bpf(ring: ringcore.Ring, options: Mapping[str, Any], *, stop: StopFlag) 
     kring = ringcore.KernelRing(events.fd)
     events.close()  # KernelRing keeps its own duplicate
     tr = Translator()
+    grace = Grace(stop)
+    undelivered = 0
+
+    def put(records: list[bytes]) -> None:
+        nonlocal undelivered
+        undelivered += len(records) - deliver(ring, records, grace)
+
     if options.get("existing"):
         # what already runs, from /proc (the program only sees what comes next)
         deliver(ring, Scanner(existing=True).scan(), stop)
@@ -249,15 +259,21 @@ def run_bpf(ring: ringcore.Ring, options: Mapping[str, Any], *, stop: StopFlag) 
             batch = kring.poll(timeout=POLL_TIMEOUT, max_records=BATCH)
             if batch:
                 tr.resync()
-                deliver(ring, tr.records(batch), stop)
+                put(tr.records(batch))
             if len(batch) < BATCH and time.monotonic() >= next_sweep:
                 # the ring was empty a moment ago: losses not yet followed by
                 # an event of their CPU are reported now
                 if kring.query().avail_data == 0:
-                    deliver(ring, tr.sweep(counts.fd), stop)
+                    put(tr.sweep(counts.fd))
                 next_sweep = time.monotonic() + IDLE_SWEEP
-        deliver(ring, tr.records(kring.consume()), stop)
-        deliver(ring, tr.sweep(counts.fd), stop)
+        # the program stays attached until the service closes it, after the
+        # workers: what is in the ring now is the last this worker can take
+        put(tr.records(kring.consume()))
+        put(tr.sweep(counts.fd))
+        if undelivered:
+            log.warning(
+                "stopped with %d exec records not delivered: the ring was full", undelivered
+            )
     finally:
         kring.close()
         counts.close()
