@@ -34,6 +34,7 @@ from kernelbpf import bpf_denied, bpffs, missing_tools, multiarch_include
 from prometheus_client.parser import text_string_to_metric_families
 from servicectl import BASE_CONFIG, ROOT, Service, plugin_source, run_cli
 
+import ringcore
 from service.bpf.libbpf import BpfObject, lib
 
 EMIT_SRC = Path(__file__).resolve().parent / "bpf" / "emit.bpf.c"
@@ -349,6 +350,23 @@ def test_a_missing_path_or_a_map_that_is_no_ring_buffer_stops_the_start(
 def test_an_unknown_schema_stops_the_start(pinned: Pinned, tmp_path: Path) -> None:
     err = serve_fails(tmp_path, BASE_CONFIG + source(pinned.path, "nosuch"))
     assert "sources[0].schema" in err and "nosuch" in err
+
+
+def test_two_sources_on_one_ring_buffer_stop_the_start(pinned: Pinned, tmp_path: Path) -> None:
+    """A ring buffer has one consumer: a second pin of the same map is refused too."""
+    schema = tmp_path / "emit.toml"
+    schema.write_text(SCHEMA)
+    second = pin_path()
+    r = ringcore.KernelRing(path=pinned.path)
+    try:
+        pin(r.map_fd, second)
+        config = BASE_CONFIG.replace("count = 1", "count = 2") + schemas_section(schema)
+        config += source(pinned.path, "emit")
+        err = serve_fails(tmp_path, config + source(second, "emit"))
+    finally:
+        r.close()
+        os.unlink(second)
+    assert f"sources[1].path: {second} is the ring buffer sources[0] reads already" in err
 
 
 # --- the example ----------------------------------------------------------------

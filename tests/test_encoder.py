@@ -291,7 +291,7 @@ def test_builtin_schemas_records():
     schemas = S.builtin_schemas()
     sizes = {s.name: s.size for s in schemas}
     assert sizes["synthetic"] == 64  # the benchmark's record
-    assert sizes["exec"] == 428
+    assert sizes["exec"] == 453
     enc = S.compile_encoder(schemas)
     assert enc.type_ids == [s.type_id for s in schemas]
     rec = pack_header(10, 77) + struct.pack(
@@ -314,7 +314,7 @@ def test_builtin_schemas_records():
         "ts_ns": 9,
         "type": "raw",
         "type_id": 1,
-        "error": "short record: 40 bytes, schema exec needs 428",
+        "error": "short record: 40 bytes, schema exec needs 453",
         "raw": "UlMBAAAAAABNAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==",
     }
     assert parsed(enc.encode(5, b"hi", 9)) == {"id": 5, "ts_ns": 9, "type": "raw", "raw": "aGk="}
@@ -325,9 +325,9 @@ def test_stats_count_by_reason():
     enc = S.compile_encoder(schemas)
     assert enc.stats() == {"encoded": 0, "decoded": 0, "unframed": 0, "unknown_type": 0, "short": 0}
     recs = [
-        pack_header(2) + bytes(40),  # exit: decoded
-        pack_header(2) + bytes(41),  # decoded, with _extra
-        pack_header(2) + bytes(39),  # short
+        pack_header(2) + bytes(64),  # exit: decoded
+        pack_header(2) + bytes(65),  # decoded, with _extra
+        pack_header(2) + bytes(63),  # short
         pack_header(999) + bytes(40),  # unknown type
         pack_header(0) + bytes(40),  # type 0: unframed
         b"plain text",  # unframed
@@ -347,7 +347,7 @@ def test_large_records_and_buffer_growth():
 
 def test_u64_ts_and_positions_reach_2_64():
     enc = S.compile_encoder(S.builtin_schemas())
-    line = enc.encode(U64, pack_header(2, U64) + b"\xff" * 40, 0)
+    line = enc.encode(U64, pack_header(2, U64) + b"\xff" * 40 + b"-" * 24, 0)
     rec = parsed(line)
     assert (rec["id"], rec["ts_ns"], rec["pid"], rec["exit_code"], rec["lifetime_ns"]) == (
         U64,

@@ -305,3 +305,28 @@ def test_bpf_without_capabilities_fails_the_start_naming_them(tmp_path: Path) ->
     assert out.returncode == 2, out.stderr
     assert 'sources[0].method = "bpf"' in out.stderr
     assert "CAP_BPF and CAP_PERFMON" in out.stderr and "--cap-add BPF" in out.stderr
+
+
+def test_existing_processes_are_reported_at_start_on_bpf_too(tmp_path: Path) -> None:
+    mark = f"EXIST-{uuid.uuid4().hex[:8]}"
+    before = subprocess.Popen(["sh", "-c", "read x", mark], stdin=subprocess.PIPE)
+    try:
+        with Service(tmp_path, exec_config(method="bpf", existing=True)) as svc:
+            with Stream(svc.url("/events?type=exec,exit&from=0")) as st:
+                st.wait(
+                    lambda rs: any(mark in r.get("cmdline", "") for r in rs), "the existing one"
+                )
+                (rec,) = [r for r in st.records if mark in r.get("cmdline", "")]
+                assert rec["pid"] == before.pid
+                before.communicate(b"\n")
+                # its exit, from the BPF program, carries the same exec_id
+                st.wait(
+                    lambda rs: any(
+                        r["type"] == "exit" and r["exec_id"] == rec["exec_id"] for r in rs
+                    ),
+                    "its exit",
+                )
+            assert svc.terminate() == 0
+    finally:
+        before.kill()
+        before.wait()
