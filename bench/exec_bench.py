@@ -51,7 +51,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import orjson
-from e2e_bench import ServiceProc, _machine_cpu
+from e2e_bench import ServiceProc, _machine_cpu, _ms, _pct
 from machine import describe as describe_machine
 
 SH = "/bin/sh"
@@ -472,17 +472,6 @@ def start_service(method: str) -> ServiceProc:
 
 
 # --- reporting -----------------------------------------------------------------------------
-
-
-def _pct(values: list[int], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
-def _ms(ns: float) -> str:
-    return f"{ns / 1e6:.2f} ms"
 
 
 def _ratio(a: int, b: int) -> str:
