@@ -260,8 +260,8 @@ class Service:
             self.specs = self.kernel.open(self.specs, self.schemas)
         except KernelSourceError as e:
             raise StartupError(str(e)) from None
-        self.registry.register(self.kernel)
         try:
+            self.registry.register(self.kernel)
             yield
         finally:
             self.kernel.close()

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 import ringcore
 from service.consumer import RingConsumer
 from service.fanout import Hub, Subscriber
-from service.filters import Filter, FilterError, FilterSchema
+from service.filters import U64_MAX, Filter, FilterError, FilterSchema, ascii_int
 from service.metrics import Latency
 from service.streams import NdjsonWriter, SseWriter, WsWriter, pump
 
@@ -69,12 +69,10 @@ def _unavailable(st: State) -> web.HTTPServiceUnavailable:
 
 
 def _id(value: str, name: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise _bad(f"{name}: must be a record id (a ring position, an integer >= 0), got {value!r}")
+    """A record id (a ring position): ASCII digits, at most 2^64 - 1."""
+    n = ascii_int(value, 0, U64_MAX)
+    if n is None:
+        raise _bad(f"{name}: must be an integer from 0 to {U64_MAX}, got {value!r}")
     return n
 
 
@@ -114,13 +112,15 @@ async def events(request: web.Request) -> web.StreamResponse:
         raise _bad(f"format: must be 'ndjson' or 'sse', got {fmt!r}")
     after = _resume(request)
     flt = _filter(st, request, STREAM_PARAMS)
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream" if fmt == "sse" else "application/x-ndjson",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # tell proxies not to hold the stream back
-        }
-    )
+    headers = {
+        "Content-Type": "text/event-stream" if fmt == "sse" else "application/x-ndjson",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",  # tell proxies not to hold the stream back
+    }
+    if request.method == "HEAD":
+        # what a GET would get, without the body (RFC 9110 9.3.2): no subscriber
+        return web.Response(headers=headers)
+    resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)
     sub = st.hub.subscribe(fmt, _peer(request), flt, after)
     writer = SseWriter(resp) if fmt == "sse" else NdjsonWriter(resp, request.transport)
@@ -174,9 +174,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     batch = None
     if "batch" in request.query:
         text, most = request.query["batch"], st.settings["max_batch"]
-        batch = int(text) if text.isdigit() else 0
-        if not 1 <= batch <= most:
-            raise _bad(f"batch: must be an integer between 1 and {most}, got {text!r}")
+        batch = ascii_int(text, 1, most)
+        if batch is None:
+            raise _bad(f"batch: must be an integer from 1 to {most}, got {text!r}")
     after = _resume(request)
     flt = _filter(st, request, WS_PARAMS)
     ws = web.WebSocketResponse(
@@ -241,12 +241,17 @@ async def _read_messages(
             )
             continue
         try:
-            sub.filter = st.filters.parse_json(request["filter"])
+            flt = st.filters.parse_json(request["filter"])
+            # the echo first: a filter that cannot be echoed is not applied
+            ack = orjson.dumps({"type": "filter", "filter": flt.spec if flt else None})
         except FilterError as e:
             await _ws_error(ws, str(e))
             continue
-        spec = sub.filter.spec if sub.filter else None
-        await ws.send_frame(orjson.dumps({"type": "filter", "filter": spec}), WSMsgType.TEXT)
+        except orjson.JSONEncodeError as e:
+            await _ws_error(ws, f"filter: cannot be echoed back ({e})")
+            continue
+        sub.filter = flt
+        await ws.send_frame(ack, WSMsgType.TEXT)
 
 
 async def _ws_error(ws: web.WebSocketResponse, message: str) -> None:

@@ -21,6 +21,25 @@ from service.sources.gap import GAP_TYPE
 # the keys every record has, besides its schema's fields
 ENVELOPE_FIELDS = frozenset({"id", "ts_ns", "type", "type_id", "raw", "error", "_extra"})
 
+U64_MAX = (1 << 64) - 1  # the largest record id, and the largest sample
+I64_MIN = -(1 << 63)  # with U64_MAX, the integers a record field (and orjson) can hold
+
+
+def ascii_int(text: str, lo: int, hi: int) -> int | None:
+    """`text` as an integer in [lo, hi] if it is ASCII digits only, else None.
+
+    int() also takes a sign, spaces, underscores ("1_0") and any Unicode
+    digit (Arabic-Indic three is 3); str.isdigit() takes superscripts that
+    int() then refuses. None of these belongs in an id or a count.
+    """
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(hi)):  # out of range, and int() of it could be slow
+        return None
+    n = int(digits)
+    return n if lo <= n <= hi else None
+
 
 class FilterError(ValueError):
     """A filter that cannot be applied; the message names the parameter."""
@@ -95,8 +114,14 @@ class FilterSchema:
                 name = key[len("field.") :]
                 if name not in self.fields:
                     raise FilterError(f"{key}: no record type has a field {name!r}")
-                if not isinstance(value, str | int) or isinstance(value, bool):
-                    raise FilterError(f"{key}: must be a string or an integer, got {value!r}")
+                if (
+                    not isinstance(value, str | int)
+                    or isinstance(value, bool)
+                    or (isinstance(value, int) and not I64_MIN <= value <= U64_MAX)
+                ):
+                    raise FilterError(
+                        f"{key}: must be a string or a 64-bit integer, got {value!r}"
+                    )
                 text = str(value)
                 prefix = text.endswith("*")
                 fields.append((name, text[:-1] if prefix else text, prefix))
@@ -140,10 +165,16 @@ def _names(value: object, key: str) -> list[str]:
 
 
 def _sample(value: object) -> int:
-    try:
-        n = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1 or isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise FilterError(f"sample: must be an integer >= 1 (every Nth record), got {value!r}")
+    """A query string's ASCII digits, or a JSON integer (integral floats too: 1e3)."""
+    n: int | None = None
+    if isinstance(value, str):
+        n = ascii_int(value, 1, U64_MAX)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        n = value if 1 <= value <= U64_MAX else None
+    elif isinstance(value, float) and value.is_integer() and 1 <= value <= U64_MAX:
+        n = int(value)
+    if n is None:
+        raise FilterError(
+            f"sample: must be an integer from 1 to {U64_MAX} (every Nth record), got {value!r}"
+        )
     return n

@@ -573,7 +573,7 @@ def test_kubernetes_bpf_patch_names_the_deployment_and_its_exec_source() -> None
     (pc,) = patch["containers"]
     assert pc["name"] == c["name"]
     assert pc["securityContext"]["capabilities"]["add"] == ["BPF", "PERFMON"]
-    assert patch["securityContext"]["runAsUser"] == 0
+    assert patch["securityContext"]["runAsUser"] == 0 and patch["hostPID"] is True
     assert patch["securityContext"]["seccompProfile"]["type"] == "Unconfined"
     (env,) = pc["env"]
     assert env == {"name": "RINGSTREAM_SOURCES_0_METHOD", "value": "bpf"}

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -177,6 +178,40 @@ def test_every_short_lived_process_has_its_exec_and_exit(svc: Service) -> None:
         assert 0 < xt["lifetime_ns"] < 60e9
 
 
+EXEC_FROM_A_THREAD = """
+import os, sys, threading
+def run():
+    os.execv("/bin/sh", ["sh", "-c", "exit 4", sys.argv[1]])
+threading.Thread(target=run).start()
+threading.Event().wait()
+"""
+
+
+def test_a_thread_that_execs_gives_one_exit_with_the_code(svc: Service) -> None:
+    """execve from a non-main thread ends the old leader (de_thread): that is no
+    exit of the process, which exits once, with the exec'd program's code."""
+    mark = f"THREAD-{uuid.uuid4().hex[:8]}"
+    with Stream(svc.url("/events?type=exec,exit&from=0")) as st:
+        p = subprocess.Popen([sys.executable, "-c", EXEC_FROM_A_THREAD, mark])
+        assert p.wait() == 4
+
+        def ours(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            ids = {
+                r["exec_id"]
+                for r in rs
+                if r["type"] == "exec" and r["cmdline"].split()[-1:] == [mark]
+            }
+            return [r for r in rs if r["type"] == "exit" and r["exec_id"] in ids]
+
+        st.wait(lambda rs: bool(ours(rs)), "the exit")
+        # one more process through the same CPU-ordered stream: anything of
+        # ours it would have sent is in by the time this one's exit is
+        subprocess.run(["sh", "-c", "exit 0", f"{mark}-after"], check=True)
+        st.wait(lambda rs: any(f"{mark}-after" in r.get("cmdline", "") for r in rs), "after")
+        exits = ours(st.records)
+    assert [(e["pid"], e["exit_code"]) for e in exits] == [(p.pid, 4)]
+
+
 def test_long_argv_is_cut_and_flagged(svc: Service) -> None:
     mark = f"LONG-{uuid.uuid4().hex[:8]}"
     with Stream(
@@ -260,6 +295,15 @@ def test_a_ring_too_small_for_a_burst_counts_every_loss_in_the_stream(tmp_path: 
             # the counters and the stream agree once the worker caught up (other
             # processes of this machine may exec meanwhile: wait for agreement)
             st.wait(counted, "gap records summing to the program's loss counters")
+            records = list(st.records)
+            # a restarted worker goes on from what was reported: no loss twice
+            os.kill(worker, signal.SIGKILL)
+            svc.wait_log("worker_restart")
+            subprocess.run(["sh", "-c", "exit 0", f"AGAIN-{run}"], check=True)
+            st.wait(
+                lambda rs: any(f"AGAIN-{run}" in r.get("cmdline", "") for r in rs), "after restart"
+            )
+            st.wait(counted, "the same loss counts after the worker's restart")
             records = list(st.records)
         assert svc.terminate() == 0
     gaps = [r for r in records if r["type"] == "gap"]

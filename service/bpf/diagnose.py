@@ -61,8 +61,12 @@ def check(obj: Path, *, what: str) -> None:
             "missing when ringstream was installed: apt install clang libbpf-dev, then "
             "scripts/setup again)"
         )
-    if libbpf.find_libbpf() is None:
-        raise BpfUnavailable(f"{what}: libbpf.so.1 not found (apt install libbpf1)")
+    try:
+        libbpf.lib()
+    except (OSError, AttributeError) as e:
+        raise BpfUnavailable(
+            f"{what}: libbpf.so.1 cannot be used ({e}): apt install libbpf1"
+        ) from None
     if not BTF_PATH.exists():
         raise BpfUnavailable(
             f"{what}: the kernel has no BTF ({BTF_PATH} is missing; it needs a kernel "
@@ -78,12 +82,18 @@ def check(obj: Path, *, what: str) -> None:
 
 def explain(e: libbpf.LibbpfError, *, what: str) -> BpfUnavailable:
     """A refused load or attach, as what to change."""
-    said = "; ".join(e.libbpf_says[-3:])
+    said = "; ".join(e.libbpf_says[-4:])
     detail = f" (libbpf: {said})" if said else ""
-    if e.errno in (errno.EPERM, errno.EACCES) and not missing_caps():
+    if e.errno == errno.EPERM and not missing_caps():
         return BpfUnavailable(
-            f"{what}: bpf() was refused ({errno.errorcode[e.errno]}) although this process "
-            "has CAP_BPF and CAP_PERFMON: a seccomp profile (docker's and podman's default) "
-            f"or a user namespace blocks it; {CONTAINER_HINT}{detail}"
+            f"{what}: bpf() was refused (EPERM) although this process has CAP_BPF and "
+            "CAP_PERFMON: a seccomp profile (docker's and podman's default) or a user namespace "
+            "blocks it, or, on kernels before 5.11, RLIMIT_MEMLOCK is too low (--ulimit "
+            f"memlock=-1); {CONTAINER_HINT}{detail}"
+        )
+    if e.errno in (errno.EACCES, errno.EINVAL, errno.E2BIG) and "load" in e.what:
+        return BpfUnavailable(
+            f"{what}: the kernel's verifier rejected the program ({errno.errorcode[e.errno]}); "
+            f"it needs Linux 5.8 or newer with BTF{detail}"
         )
     return BpfUnavailable(f"{what}: {e.strerror or e}{detail}")

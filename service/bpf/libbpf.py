@@ -37,6 +37,8 @@ _SIGNATURES: list[tuple[str, object, list[object]]] = [
     ("bpf_map__set_max_entries", _i, [_p, _u32]),
     ("bpf_map__value_size", _u32, [_p]),
     ("bpf_map_lookup_elem", _i, [_i, _p, _p]),
+    ("bpf_map_update_elem", _i, [_i, _p, _p, ctypes.c_uint64]),
+    ("libbpf_strerror", _i, [_i, _s, ctypes.c_size_t]),
     ("libbpf_num_possible_cpus", _i, []),
     ("libbpf_set_print", _p, [_p]),
 ]
@@ -50,15 +52,30 @@ class LibbpfError(OSError):
     """A libbpf call failed; errno is set, `libbpf_says` holds libbpf's last warnings."""
 
     def __init__(self, err: int, what: str, libbpf_says: list[str]) -> None:
-        super().__init__(err, f"{what}: {os.strerror(err)}")
+        super().__init__(err, f"{what}: {strerror(err)}")
         self.what = what
         self.libbpf_says = libbpf_says
 
 
+def strerror(err: int) -> str:
+    """libbpf's own errors (4000 and up: LIBBPF_ERRNO__*) as libbpf words them."""
+    if err >= 4000 and _lib is not None:
+        buf = ctypes.create_string_buffer(256)
+        _lib.lib.libbpf_strerror(err, buf, len(buf))
+        return buf.value.decode(errors="replace")
+    return os.strerror(err)
+
+
 def find_libbpf() -> str | None:
+    """libbpf.so.1: the 1.x API (0.x returns error pointers where 1.x returns NULL)."""
     name = ctypes.util.find_library("bpf")
-    if name:
+    if name and name.endswith(".so.1"):
         return name
+    try:
+        ctypes.CDLL("libbpf.so.1")
+        return "libbpf.so.1"
+    except OSError:
+        pass
     multiarch = sysconfig.get_config_var("MULTIARCH") or ""
     for d in ("/usr/lib64", "/usr/lib", f"/usr/lib/{multiarch}", "/lib64", f"/lib/{multiarch}"):
         if (Path(d) / "libbpf.so.1").exists():
@@ -75,7 +92,7 @@ class _Lib:
             fn = getattr(self.lib, name)
             fn.restype = res
             fn.argtypes = args
-        self.warnings: deque[str] = deque(maxlen=8)
+        self.warnings: deque[str] = deque(maxlen=12)
         libc = ctypes.CDLL(None)
         self._vsnprintf = libc.vsnprintf
         self._vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, _p]
@@ -85,11 +102,14 @@ class _Lib:
         self.lib.libbpf_set_print(ctypes.cast(self._print, _p))
 
     def _on_print(self, level: int, fmt: bytes, args: int) -> int:
-        buf = ctypes.create_string_buffer(1024)
+        # one message can be the whole verifier log, whose reason is at its
+        # end: room for it all, and the last lines kept (the va_list can be
+        # read once only, so no second call with the needed size)
+        buf = ctypes.create_string_buffer(1 << 20)
         self._vsnprintf(buf, len(buf), fmt, args)
         text = buf.value.decode(errors="replace").rstrip()
-        if level == LIBBPF_WARN and text:
-            self.warnings.append(text)
+        if level == LIBBPF_WARN:
+            self.warnings.extend(line for line in text.splitlines() if line.strip())
         log.debug("libbpf: %s", text)
         return 0
 
@@ -192,6 +212,26 @@ def possible_cpus() -> int:
     if n < 0:
         raise OSError(-n, "cannot count the possible CPUs")
     return int(n)
+
+
+def lookup(map_fd: int, key: int, value_size: int) -> bytes:
+    """One value of an array map."""
+    buf = ctypes.create_string_buffer(value_size)
+    k = ctypes.c_uint32(key)
+    ctypes.set_errno(0)
+    if lib().lib.bpf_map_lookup_elem(map_fd, ctypes.byref(k), buf) != 0:
+        err = ctypes.get_errno() or 1
+        raise OSError(err, f"bpf_map_lookup_elem: {os.strerror(err)}")
+    return buf.raw
+
+
+def update(map_fd: int, key: int, value: bytes) -> None:
+    """Set one value of an array map (BPF_ANY)."""
+    k = ctypes.c_uint32(key)
+    ctypes.set_errno(0)
+    if lib().lib.bpf_map_update_elem(map_fd, ctypes.byref(k), value, 0) != 0:
+        err = ctypes.get_errno() or 1
+        raise OSError(err, f"bpf_map_update_elem: {os.strerror(err)}")
 
 
 def lookup_percpu(map_fd: int, value_size: int, key: int = 0) -> list[bytes]:

@@ -26,6 +26,7 @@ from typing import Any
 import ringcore
 from service.bpf.fds import MapFd
 from service.record import HEADER, MAGIC
+from service.sources.gap import RECORD_TOO_LARGE, gap_record
 from service.workers import Grace, StopFlag, deliver
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,24 @@ POLL_TIMEOUT = 0.1
 BATCH = 4096
 
 
-def frame(type_id: int, records: list[bytes]) -> list[bytes]:
+def frame(type_id: int, records: list[bytes], *, max_size: int, source: str) -> list[bytes]:
+    """Each record behind its header; one too large for the ring becomes a gap record."""
     ts = time.time_ns()
     head = HEADER.pack(MAGIC, type_id, 0, ts)
-    return [head + r for r in records]
+    out = []
+    for r in records:
+        if len(r) + len(head) <= max_size:
+            out.append(head + r)
+        else:
+            log.warning(
+                "a %d-byte record from %s does not fit the ring (max_record_size %d): "
+                "a gap record stands in for it",
+                len(r),
+                source,
+                max_size,
+            )
+            out.append(gap_record(ts, reason=RECORD_TOO_LARGE, source=source, cpu=0, lost=1))
+    return out
 
 
 def run(ring: ringcore.Ring, options: Mapping[str, Any], *, instance: int, stop: StopFlag) -> None:
@@ -46,12 +61,13 @@ def run(ring: ringcore.Ring, options: Mapping[str, Any], *, instance: int, stop:
     kring = ringcore.KernelRing(fd.fd)
     fd.close()
     grace = Grace(stop)
+    max_size, source = ring.max_record_size, str(options.get("path"))
     try:
         # what is still in the pinned ring at stop stays there for the next start
         while not stop.is_set():
             batch = kring.poll(timeout=POLL_TIMEOUT, max_records=BATCH)
             if batch:
-                records = frame(type_id, batch)
+                records = frame(type_id, batch, max_size=max_size, source=source)
                 done = deliver(ring, records, grace)
                 if done < len(records):
                     log.warning(

@@ -16,15 +16,24 @@ import struct
 from service.record import MAGIC
 
 GAP_TYPE = 3
-KERNEL_RING_FULL = 1  # enum value of `reason`
+KERNEL_RING_FULL = 1  # enum values of `reason`
+RECORD_TOO_LARGE = 2  # a kernel record that cannot fit the service's ring
 SOURCE_SIZE = 32
 # header, then reason u8, pad 3, cpu u32, source char[32], lost, lost_exec, lost_exit u64
 GAP = struct.Struct(f"<2sHIQB3xI{SOURCE_SIZE}sQQQ")
 
 
 def gap_record(
-    ts_ns: int, *, reason: int, source: str, cpu: int, lost_exec: int = 0, lost_exit: int = 0
+    ts_ns: int,
+    *,
+    reason: int,
+    source: str,
+    cpu: int,
+    lost_exec: int = 0,
+    lost_exit: int = 0,
+    lost: int | None = None,
 ) -> bytes:
+    """`lost` defaults to lost_exec + lost_exit (records of a source without types)."""
     return GAP.pack(
         MAGIC,
         GAP_TYPE,
@@ -33,7 +42,7 @@ def gap_record(
         reason,
         cpu,
         source.encode()[:SOURCE_SIZE],
-        lost_exec + lost_exit,
+        lost_exec + lost_exit if lost is None else lost,
         lost_exec,
         lost_exit,
     )

@@ -62,6 +62,7 @@ F_ARGS_TRUNCATED, F_FILENAME_TRUNCATED = 1, 2
 HEAD = struct.Struct("<BBHIQQQQIIIi16s")  # struct event_head, 72 bytes
 EXEC_TAIL = struct.Struct(f"<{FILENAME_SIZE}s{CMDLINE_SIZE}s")
 COUNTS = struct.Struct("<QQQQ")  # struct counts: sent[exec, exit], lost[exec, exit]
+REPORTED = struct.Struct("<QQ")  # struct reported: lost[exec, exit] already in the stream
 
 IDLE_SWEEP = 0.1  # seconds between reads of the counts map while idle
 POLL_TIMEOUT = 0.1  # seconds a poll may wait before the stop flag is looked at
@@ -74,10 +75,22 @@ class ExecProgram:
 
     def __init__(self, obj: libbpf.BpfObject) -> None:
         self._obj = obj
-        self.events = MapFd(os.dup(obj.map_fd("events")), "events")
-        self.counts = MapFd(os.dup(obj.map_fd("counts")), "counts")
-        # for /metrics only: the worker is the ring's consumer
-        self.kernel_ring = ringcore.KernelRing(self.events.fd)
+        self._fds: list[MapFd] = []
+        try:
+            self.events = self._dup("events")
+            self.counts = self._dup("counts")
+            self.reported = self._dup("reported")
+            # for /metrics only: the worker is the ring's consumer
+            self.kernel_ring = ringcore.KernelRing(self.events.fd)
+        except BaseException:
+            for fd in self._fds:
+                fd.close()
+            raise
+
+    def _dup(self, name: str) -> MapFd:
+        fd = MapFd(os.dup(self._obj.map_fd(name)), name)
+        self._fds.append(fd)
+        return fd
 
     @classmethod
     def load(cls, ring_size: int) -> ExecProgram:
@@ -89,15 +102,19 @@ class ExecProgram:
             raise diagnose.explain(e, what=WHAT) from None
         try:
             obj.set_max_entries("events", ring_size)
+            obj.set_max_entries("reported", libbpf.possible_cpus())
             obj.load()
             obj.attach()
             return cls(obj)
         except libbpf.LibbpfError as e:
             obj.close()
             raise diagnose.explain(e, what=WHAT) from None
+        except BaseException:
+            obj.close()  # detached: nothing is left running that no one reads
+            raise
 
     def worker_options(self) -> dict[str, Any]:
-        return {"events": self.events, "counts": self.counts}
+        return {"events": self.events, "counts": self.counts, "reported": self.reported}
 
     def totals(self) -> dict[str, int]:
         """Events the program sent and lost, by type, summed over the CPUs."""
@@ -106,8 +123,8 @@ class ExecProgram:
     def close(self) -> None:
         self._obj.close()
         self.kernel_ring.close()
-        self.events.close()
-        self.counts.close()
+        for fd in self._fds:
+            fd.close()
 
 
 def per_cpu_counts(counts_fd: int) -> list[tuple[int, int, int, int]]:
@@ -132,9 +149,13 @@ def sum_counts(counts_fd: int) -> dict[str, int]:
 class Translator:
     """Kernel events -> ringstream records, with gap records where events were lost."""
 
-    def __init__(self, source: str = "exec") -> None:
+    def __init__(
+        self, source: str = "exec", reported: dict[int, tuple[int, int]] | None = None
+    ) -> None:
         self.source = source
-        self.reported: dict[int, tuple[int, int]] = {}  # cpu -> (lost exec, lost exit) reported
+        # cpu -> (lost exec, lost exit) already in the stream
+        self.reported: dict[int, tuple[int, int]] = dict(reported or {})
+        self.changed: set[int] = set()  # CPUs whose `reported` grew since save()
         self.offset = 0
         self.resync()
 
@@ -151,6 +172,7 @@ class Translator:
         if not new_exec and not new_exit:
             return None
         self.reported[cpu] = (max(done_exec, lost_exec), max(done_exit, lost_exit))
+        self.changed.add(cpu)
         return gap_record(
             ts_ns,
             reason=KERNEL_RING_FULL,
@@ -222,6 +244,17 @@ class Translator:
                 )
         return out
 
+    def load(self, reported_fd: int) -> None:
+        """What earlier readers reported (this reader may be a restarted one)."""
+        for cpu in range(libbpf.possible_cpus()):
+            self.reported[cpu] = REPORTED.unpack(libbpf.lookup(reported_fd, cpu, REPORTED.size))
+
+    def save(self, reported_fd: int) -> None:
+        """After the gap records are in the ring: remember them for a successor."""
+        for cpu in self.changed:
+            libbpf.update(reported_fd, cpu, REPORTED.pack(*self.reported[cpu]))
+        self.changed.clear()
+
     def sweep(self, counts_fd: int) -> list[bytes]:
         """Gap records for losses no event has reported yet (call with the ring empty)."""
         now = time.time_ns()
@@ -240,15 +273,34 @@ def _cstr(b: bytes) -> bytes:
 def run_bpf(ring: ringcore.Ring, options: Mapping[str, Any], *, stop: StopFlag) -> None:
     events: MapFd = options["events"]
     counts: MapFd = options["counts"]
+    reported: MapFd = options["reported"]
     kring = ringcore.KernelRing(events.fd)
     events.close()  # KernelRing keeps its own duplicate
     tr = Translator()
+    tr.load(reported.fd)
     grace = Grace(stop)
     undelivered = 0
 
     def put(records: list[bytes]) -> None:
         nonlocal undelivered
         undelivered += len(records) - deliver(ring, records, grace)
+        if tr.changed:
+            tr.save(reported.fd)
+
+    def sweep() -> None:
+        # Losses that no event of their CPU followed yet. Only while the ring
+        # is empty, and the producer position unchanged across the read of
+        # the counts: an event reserved in between (before a loss read here)
+        # must come before the gap, so the next round will place it.
+        before = kring.query()
+        if before.avail_data:
+            return
+        saved, saved_changed = dict(tr.reported), set(tr.changed)
+        gaps = tr.sweep(counts.fd)
+        if kring.query().producer_pos == before.producer_pos:
+            put(gaps)
+        else:
+            tr.reported, tr.changed = saved, saved_changed  # not placed: next round
 
     if options.get("existing"):
         # what already runs, from /proc (the program only sees what comes next)
@@ -261,15 +313,15 @@ def run_bpf(ring: ringcore.Ring, options: Mapping[str, Any], *, stop: StopFlag) 
                 tr.resync()
                 put(tr.records(batch))
             if len(batch) < BATCH and time.monotonic() >= next_sweep:
-                # the ring was empty a moment ago: losses not yet followed by
-                # an event of their CPU are reported now
-                if kring.query().avail_data == 0:
-                    put(tr.sweep(counts.fd))
+                sweep()
                 next_sweep = time.monotonic() + IDLE_SWEEP
         # the program stays attached until the service closes it, after the
         # workers: what is in the ring now is the last this worker can take
-        put(tr.records(kring.consume()))
-        put(tr.sweep(counts.fd))
+        for _ in range(3):
+            put(tr.records(kring.consume()))
+            if kring.query().avail_data == 0:
+                sweep()
+                break
         if undelivered:
             log.warning(
                 "stopped with %d exec records not delivered: the ring was full", undelivered
@@ -277,3 +329,4 @@ def run_bpf(ring: ringcore.Ring, options: Mapping[str, Any], *, stop: StopFlag) 
     finally:
         kring.close()
         counts.close()
+        reported.close()

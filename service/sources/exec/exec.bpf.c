@@ -47,6 +47,7 @@
 #define FILENAME_SIZE 128
 #define ARGS_SIZE 256
 #define PF_KTHREAD 0x00200000
+#define SIGNAL_GROUP_EXIT 0x00000004 /* signal->flags: exit_group() or a fatal signal */
 
 enum { EVENT_EXEC = 1, EVENT_EXIT = 2 };
 enum { EVENT_F_ARGS_TRUNCATED = 1, EVENT_F_FILENAME_TRUNCATED = 2 };
@@ -59,6 +60,16 @@ typedef struct {
 
 struct cred {
 	kuid_t uid;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	int counter;
+} atomic_t;
+
+struct signal_struct {
+	atomic_t live; /* threads not yet in do_exit() */
+	int group_exit_code;
+	unsigned int flags;
 } __attribute__((preserve_access_index));
 
 struct mm_struct {
@@ -74,6 +85,8 @@ struct task_struct {
 	__u64 start_boottime;
 	char comm[TASK_COMM_LEN];
 	struct task_struct *real_parent;
+	struct task_struct *group_leader;
+	struct signal_struct *signal;
 	struct mm_struct *mm;
 	const struct cred *real_cred;
 } __attribute__((preserve_access_index));
@@ -113,6 +126,20 @@ struct {
 	__uint(max_entries, 4 << 20); /* the loader sets the configured size */
 } events SEC(".maps");
 
+/* Written by the reader only, never by this program: per CPU, the losses
+ * already reported in the stream, so a restarted reader goes on from there.
+ * The loader sizes it to the possible CPUs. */
+struct reported {
+	__u64 lost[2];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct reported);
+} reported SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -150,12 +177,15 @@ static __always_inline void fill_head(struct event_head *h, struct task_struct *
 	h->lost[C_EXEC] = c->lost[C_EXEC];
 	h->lost[C_EXIT] = c->lost[C_EXIT];
 	h->ts_boot_ns = bpf_ktime_get_boot_ns();
-	h->start_boot_ns = BPF_CORE_READ(p, start_boottime);
+	/* the process's start, whichever thread this is (de_thread() gives an
+	 * exec'ing thread its leader's start time): exec_id matches at exit */
+	h->start_boot_ns = BPF_CORE_READ(p, group_leader, start_boottime);
 	h->pid = BPF_CORE_READ(p, tgid);
 	h->ppid = BPF_CORE_READ(p, real_parent, tgid);
 	h->uid = BPF_CORE_READ(p, real_cred, uid.val); /* the real uid, as /proc's Uid: */
 	h->exit_code = 0;
-	bpf_get_current_comm(&h->comm, sizeof(h->comm));
+	/* the process's name (the leader's), not a thread's */
+	BPF_CORE_READ_STR_INTO(&h->comm, p, group_leader, comm);
 }
 
 SEC("tp_btf/sched_process_exec")
@@ -210,12 +240,18 @@ int handle_exit(__u64 *ctx)
 	struct task_struct *p = (struct task_struct *)ctx[0];
 	struct event_head *h;
 	struct counts *c;
+	int code;
 
-	/* a thread's exit is not the process's (bootstrap's rule), and kernel
-	 * threads never exec: the /proc method leaves both out too */
-	if (BPF_CORE_READ(p, pid) != BPF_CORE_READ(p, tgid))
-		return 0;
+	/* Kernel threads never exec: the /proc method leaves them out too. A
+	 * thread's exit is not the process's: bootstrap's rule (pid == tid)
+	 * also takes the leader's exit while other threads live on (a
+	 * non-main thread's execve, a main thread that returns first) and
+	 * misses a process whose last thread is not the leader. The process
+	 * exits with its last thread: do_exit() decrements signal->live before
+	 * this tracepoint, so it is 0 here exactly once per process. */
 	if (BPF_CORE_READ(p, flags) & PF_KTHREAD)
+		return 0;
+	if (BPF_CORE_READ(p, signal, live.counter) != 0)
 		return 0;
 
 	c = cpu_counts();
@@ -228,7 +264,13 @@ int handle_exit(__u64 *ctx)
 	}
 	count(&c->sent[C_EXIT]);
 	fill_head(h, p, EVENT_EXIT, c);
-	h->exit_code = BPF_CORE_READ(p, exit_code);
+	/* exit_group() or a fatal signal: the group's code; else the last
+	 * thread's own (the main thread may have left with another) */
+	if (BPF_CORE_READ(p, signal, flags) & SIGNAL_GROUP_EXIT)
+		code = BPF_CORE_READ(p, signal, group_exit_code);
+	else
+		code = BPF_CORE_READ(p, exit_code);
+	h->exit_code = code;
 	bpf_ringbuf_submit(h, 0);
 	return 0;
 }
