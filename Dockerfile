@@ -61,7 +61,11 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     /opt/venv/bin/pip uninstall -y --no-cache-dir pip setuptools; \
     /opt/venv/bin/ringstream config >/dev/null
 
-ENV PATH=/opt/venv/bin:$PATH \
+# A container is reached through its published port, so the image listens on
+# every address (the built-in config keeps to loopback); a mounted config's
+# server.host is overridden by this env: set it with -e instead
+ENV RINGSTREAM_SERVER_HOST=0.0.0.0 \
+    PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONFAULTHANDLER=1

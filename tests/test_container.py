@@ -202,6 +202,7 @@ def test_serve_stream_metrics_and_sigterm(image: str) -> None:
         start = next(e for e in json_lines(c.log.lines) if e and e.get("event") == "start")
         assert start["ring_size"] == DEFAULT_RING_SIZE
         assert start["ring_memory"] == "/dev/shm"
+        assert start["host"] == "0.0.0.0"  # the image's RINGSTREAM_SERVER_HOST
         # no capabilities given: the exec source says why it is not on BPF
         assert start["exec_method"] == "proc"
         (fallback,) = [

@@ -315,6 +315,17 @@ def test_env_and_flags_override_the_file(tmp_path: Path) -> None:
     assert cfg["workers"]["count"] == 3 and cfg["sources"][1]["rate"] == 7
 
 
+def test_it_listens_on_loopback_only_unless_told(tmp_path: Path) -> None:
+    """Safe by default: the exec stream carries every command line of the machine."""
+    with Service(tmp_path, NO_SOURCES + BASE_CONFIG) as svc:
+        assert svc.wait_log("start")["host"] == "127.0.0.1"
+        r = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{svc.port}"], capture_output=True, text=True, check=True
+        )
+        (line,) = r.stdout.splitlines()
+        assert line.split()[3] == f"127.0.0.1:{svc.port}", line
+
+
 def test_listen_backlog_is_the_configured_one(tmp_path: Path) -> None:
     """Read back from the kernel: for a listening socket, ss shows the
     accept queue's limit as Send-Q."""
