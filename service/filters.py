@@ -119,9 +119,7 @@ class FilterSchema:
                     or isinstance(value, bool)
                     or (isinstance(value, int) and not I64_MIN <= value <= U64_MAX)
                 ):
-                    raise FilterError(
-                        f"{key}: must be a string or a 64-bit integer, got {value!r}"
-                    )
+                    raise FilterError(f"{key}: must be a string or a 64-bit integer, got {value!r}")
                 text = str(value)
                 prefix = text.endswith("*")
                 fields.append((name, text[:-1] if prefix else text, prefix))
