@@ -7,6 +7,7 @@ the lines can be filtered with jq without parsing prose.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -33,7 +34,12 @@ class JsonFormatter(logging.Formatter):
         entry.update(_extra(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:
+            # orjson refuses integers beyond 64 bits (a client's id, say); a
+            # log line must never be lost to the value it reports
+            return json.dumps(entry, default=str, ensure_ascii=False)
 
 
 class PlainFormatter(logging.Formatter):
