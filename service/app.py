@@ -36,6 +36,7 @@ from service.endpoints import State, make_app
 from service.fanout import Hub
 from service.filters import FilterSchema
 from service.kernel import KernelSourceError, KernelSources
+from service.loopmon import LoopMonitor
 from service.metrics import Latency, ServiceCollector
 from service.schema import SchemaError, builtin_schemas, compile_encoder, load_schema_file
 from service.settings import Config, ConfigError
@@ -146,7 +147,15 @@ class Service:
     reverse. A component that fails to start stops those already started.
     """
 
-    COMPONENTS = ("_ring", "_attach", "_kernel_sources", "_http", "_consumer", "_workers")
+    COMPONENTS = (
+        "_ring",
+        "_loop_monitor",
+        "_attach",
+        "_kernel_sources",
+        "_http",
+        "_consumer",
+        "_workers",
+    )
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -193,6 +202,7 @@ class Service:
             policy=subs["policy"],
             history_records=subs["history_records"],
             history_bytes=subs["history_bytes"],
+            budget_bytes=subs["memory_budget"],
         )
         self.consumer = RingConsumer(
             ring,
@@ -234,6 +244,16 @@ class Service:
                     },
                 )
             ring.close()
+
+    async def _loop_monitor(self) -> AsyncIterator[None]:
+        """The event loop's stalls, measured for as long as anything runs."""
+        monitor = LoopMonitor()
+        self.registry.register(monitor)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.stop()
 
     async def _attach(self) -> AsyncIterator[None]:
         """The Unix socket external producers attach through (ring.attach_socket)."""

@@ -20,12 +20,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 
 import ringcore
 from service.batch import Batch
 from service.fanout import Hub
 
 log = logging.getLogger("ringstream.consumer")
+
+# longest a draining pass goes on before it lets the loop run others
+PASS_SECONDS = 0.005
 
 
 class RingConsumer:
@@ -113,15 +117,25 @@ class RingConsumer:
         self._pending = None
         if self._stopped:
             return
+        # bounded in batches and in time: with many subscribers one publish
+        # costs a pass over all of them, and the writers, /healthz and
+        # accept() wait for the loop meanwhile
+        until = time.monotonic() + PASS_SECONDS
         for _ in range(self.max_batches):
             if self._drain_once() < self.batch:
                 break
+            if time.monotonic() > until:
+                self._again()
+                return
         else:
-            # more to do: let the writers run first, then come back
-            assert self._loop is not None
-            self._pending = self._loop.call_soon(self._run)
+            self._again()
             return
         self._sleep()
+
+    def _again(self) -> None:
+        # more to do: let the writers run first, then come back
+        assert self._loop is not None
+        self._pending = self._loop.call_soon(self._run)
 
     def _sleep(self) -> None:
         assert self._loop is not None

@@ -17,7 +17,14 @@ from service.consumer import RingConsumer
 from service.fanout import Hub, Subscriber
 from service.filters import U64_MAX, Filter, FilterError, FilterSchema, ascii_int
 from service.metrics import Latency
-from service.streams import NdjsonWriter, SseWriter, WsWriter, pump
+from service.streams import (
+    NdjsonWriter,
+    SseWriter,
+    WsWriter,
+    cap_send_buffer,
+    flushed,
+    pump,
+)
 
 log = logging.getLogger("ringstream.http")
 
@@ -121,6 +128,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         # what a GET would get, without the body (RFC 9110 9.3.2): no subscriber
         return web.Response(headers=headers)
     resp = web.StreamResponse(headers=headers)
+    cap_send_buffer(request.transport, st.settings["send_buffer"])
     await resp.prepare(request)
     sub = st.hub.subscribe(fmt, _peer(request), flt, after)
     writer = SseWriter(resp) if fmt == "sse" else NdjsonWriter(resp, request.transport)
@@ -130,7 +138,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         reason = sub.closed or "client"
         if reason == "shutdown":
             await resp.write_eof()
-    except ConnectionResetError:
+            await flushed(request.transport, request.protocol)
+    except ConnectionError:  # reset, or lost while a write waited to drain
         reason = sub.closed if sub.closed in ("shutdown", "slow") else "client"
     except asyncio.CancelledError:
         if sub.closed != "slow":
@@ -184,9 +193,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         compress=st.settings["ws_compress"],
         max_msg_size=1 << 16,
     )
+    cap_send_buffer(request.transport, st.settings["send_buffer"])
     await ws.prepare(request)
     sub = st.hub.subscribe("ws", _peer(request), flt, after)
-    sender = asyncio.create_task(_run_stream(st, sub, WsWriter(ws, batch)))
+    sender = asyncio.create_task(_run_stream(st, sub, WsWriter(ws, batch, bool(ws.compress))))
     reason = "client"
     try:
         await _read_messages(st, sub, ws, sender)
@@ -224,6 +234,10 @@ async def _read_messages(
             return
         msg = receive.result()
         if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            if isinstance(ws.exception(), TimeoutError):
+                # no pong within heartbeat / 2: a client that reads nothing,
+                # not one that left
+                sub.close("slow")
             return
         if msg.type != WSMsgType.TEXT:
             await _ws_error(ws, "messages must be JSON text frames")

@@ -71,6 +71,17 @@ class History:
             self.bytes -= old.nbytes
             self.evicted_last = old.last
 
+    def resize(self, max_records: int, max_bytes: int) -> None:
+        """New bounds (a reload): what no longer fits is evicted now."""
+        self.max_records, self.max_bytes = max_records, max_bytes
+        while self.batches and (
+            self.records > max_records or self.bytes > max_bytes or max_records == 0
+        ):
+            old = self.batches.popleft()
+            self.records -= len(old)
+            self.bytes -= old.nbytes
+            self.evicted_last = old.last
+
     @property
     def last(self) -> int:
         """Id of the newest record published (-1: none yet)."""
@@ -150,15 +161,17 @@ class Subscriber:
         if self.policy == "disconnect":
             self.close("slow")
             return 0
-        return self._drop_oldest()
+        return self.drop_oldest(self.max_records, self.max_bytes)
 
-    def _drop_oldest(self) -> int:
+    def drop_oldest(self, max_records: int, max_bytes: int, *, whole: bool = False) -> int:
+        """Drop the oldest queued records until within the bounds; returns how
+        many. `whole`: whole batches only, never a copy of part of one."""
         dropped = 0
-        while self.records > self.max_records or self.bytes > self.max_bytes:
+        while self.queue and (self.records > max_records or self.bytes > max_bytes):
             head = self.queue[0]
-            over_r = self.records - self.max_records
-            over_b = self.bytes - self.max_bytes
-            if len(self.queue) > 1 or over_r >= len(head) or over_b >= head.nbytes:
+            over_r = self.records - max_records
+            over_b = self.bytes - max_bytes
+            if whole or len(self.queue) > 1 or over_r >= len(head) or over_b >= head.nbytes:
                 self.queue.popleft()
                 n, nb = len(head), head.nbytes
                 lost_last = head.last
@@ -175,6 +188,8 @@ class Subscriber:
             self.bytes -= nb
             dropped += n
             self._note_gap(n, lost_last)
+        if not self.queue and self.closed is None:
+            self.wake.clear()  # nothing to write until the next record
         self.dropped += dropped
         return dropped
 
@@ -185,15 +200,37 @@ class Subscriber:
         self.gap.dropped = (self.gap.dropped or 0) + n
         self.last_id = lost_last
 
-    def take(self) -> tuple[Gap | None, list[Batch]]:
-        """Everything queued, and the gap to report before it."""
+    def take(self, max_bytes: int | None = None) -> tuple[Gap | None, list[Batch]]:
+        """What is queued, up to about `max_bytes` (at least one record), and
+        the gap to report before it.
+
+        The bound is what one write may copy: a subscriber that lagged by a
+        whole queue must not turn it into one 16 MiB buffer of its own.
+        """
         gap, self.gap = self.gap, None
-        batches = list(self.queue)
-        self.queue.clear()
-        self.records = self.bytes = 0
-        self.wake.clear()
+        batches: list[Batch] = []
+        size = 0
+        queue = self.queue
+        while queue and (max_bytes is None or size < max_bytes):
+            head = queue[0]
+            if max_bytes is not None and size + head.nbytes > max_bytes:
+                cut = max(1, _bytes_prefix(head, max_bytes - size))
+                if cut < len(head):
+                    part, queue[0] = head.slice(0, cut), head.slice(cut)
+                    batches.append(part)
+                    size += part.nbytes
+                    self.records -= cut
+                    break
+            queue.popleft()
+            batches.append(head)
+            size += head.nbytes
+            self.records -= len(head)
+        self.bytes -= size
+        if not queue:
+            self.records = self.bytes = 0
+            self.wake.clear()
         if batches:
-            self.last_id = batches[-1].last
+            self.last_id = max(self.last_id, batches[-1].last)
             self.delivered += sum(map(len, batches))
         return gap, batches
 
@@ -201,6 +238,17 @@ class Subscriber:
         if self.closed is None:
             self.closed = reason
             self.wake.set()
+
+
+def _water_level(sizes: list[int], budget: int) -> int:
+    """The largest level L with sum(min(size, L)) <= budget; `sizes` descending."""
+    rest = sum(sizes)
+    for k, size in enumerate(sizes, 1):
+        rest -= size  # the queues below the k biggest keep all they hold
+        following = sizes[k] if k < len(sizes) else 0
+        if rest + k * following <= budget:
+            return max(following, (budget - rest) // k)
+    return 0
 
 
 def _bytes_prefix(batch: Batch, nbytes: int) -> int:
@@ -224,18 +272,23 @@ class Hub:
         policy: str,
         history_records: int,
         history_bytes: int,
+        budget_bytes: int = 0,
     ) -> None:
         self.queue_records = queue_records
+        self.budget_bytes = budget_bytes  # all queues together; 0: no budget
         self.queue_bytes = queue_bytes
         self.policy = policy
         self.history = History(history_records, history_bytes)
         self.subscribers: dict[int, Subscriber] = {}
         self.dropped: Counter[str] = Counter({t: 0 for t in TRANSPORTS})
         self.disconnects: Counter[str] = Counter()
+        self.budget_dropped = 0  # of `dropped`: records dropped to keep the budget
+        self.queued_bytes = 0  # all queues together, as of the last publish
         self._ids = count(1)
 
     def publish(self, batch: Batch) -> None:
         self.history.append(batch)
+        total = 0
         for sub in list(self.subscribers.values()):
             if sub.closed is None:
                 try:
@@ -244,19 +297,69 @@ class Hub:
                     # a bug in one subscriber's path must not cost the others
                     # their records, nor stop the consumer that called us
                     log.exception("subscriber failed", extra={"event": "subscriber_error"})
-                    sub.close("error")
-                    if sub.writer is not None:
-                        sub.writer.cancel()
+                    self._disconnect(sub, "error")
                     continue
                 if dropped:
                     self.dropped[sub.transport] += dropped
                 elif sub.closed == "slow":
-                    log.warning(
-                        "subscriber too slow: disconnected",
-                        extra={"event": "subscriber_slow", "subscriber": sub.id},
-                    )
-                    if sub.writer is not None:
-                        sub.writer.cancel()
+                    self._slow(sub)
+                total += sub.bytes
+        if self.budget_bytes and total > self.budget_bytes:
+            total = self._keep_budget(total)
+        self.queued_bytes = total
+
+    def _keep_budget(self, total: int) -> int:
+        """Bring the queues back within the budget, the biggest laggards first.
+
+        Queued batches are shared between subscribers, so this counts each
+        queue as if it were its own: an upper bound on what they hold. The
+        biggest queues are cut down to one common level (water-filling), so
+        a subscriber that keeps up never loses records to one that does not.
+        """
+        subs = sorted(
+            (s for s in self.subscribers.values() if s.closed is None and s.bytes),
+            key=lambda s: s.bytes,
+            reverse=True,
+        )
+        if self.policy == "disconnect":
+            for sub in subs:
+                if total <= self.budget_bytes * 3 // 4:
+                    break
+                total -= sub.bytes
+                sub.close("slow")
+                self._slow(sub, budget=True)
+            return total
+        # down to 3/4 of the budget, not to it: cutting every queue costs a
+        # pass over the subscribers, and this way one pays for many publishes
+        level = _water_level([s.bytes for s in subs], self.budget_bytes * 3 // 4)
+        for sub in subs:
+            if sub.bytes <= level:
+                break
+            before = sub.bytes
+            # whole batches: a level below one batch would otherwise copy
+            # the rest of that batch for every subscriber cut
+            dropped = sub.drop_oldest(sub.max_records, level, whole=True)
+            total -= before - sub.bytes
+            self.dropped[sub.transport] += dropped
+            self.budget_dropped += dropped
+        return total
+
+    def _slow(self, sub: Subscriber, *, budget: bool = False) -> None:
+        log.warning(
+            "subscriber too slow: disconnected",
+            extra={
+                "event": "subscriber_slow",
+                "subscriber": sub.id,
+                "cause": "subscribers.memory_budget" if budget else "queue bounds",
+            },
+        )
+        if sub.writer is not None:
+            sub.writer.cancel()
+
+    def _disconnect(self, sub: Subscriber, reason: str) -> None:
+        sub.close(reason)
+        if sub.writer is not None:
+            sub.writer.cancel()
 
     def subscribe(
         self, transport: str, peer: str, flt: Filter | None, after: int | None
@@ -300,11 +403,16 @@ class Hub:
         )
         return sub
 
-    def replay(self, sub: Subscriber, limit: int) -> Iterator[tuple[Gap | None, Batch | None]]:
-        """The next piece of `sub`'s history replay (nothing once it has caught up)."""
+    def replay(
+        self, sub: Subscriber, limit: int, max_bytes: int | None = None
+    ) -> Iterator[tuple[Gap | None, Batch | None]]:
+        """The next piece of `sub`'s history replay (nothing once it has caught
+        up): at most `limit` records, and about `max_bytes`."""
         if sub.replay_until < 0:
             return
         part, lost = self.history.read(sub.cursor, sub.replay_until, limit)
+        if part is not None and max_bytes is not None and part.nbytes > max_bytes:
+            part = part.slice(0, max(1, _bytes_prefix(part, max_bytes)))
         gap, sub.replay_gap = sub.replay_gap, None
         if lost and gap is None:
             gap = Gap("history", sub.cursor)

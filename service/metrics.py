@@ -226,6 +226,17 @@ class ServiceCollector(Collector):
         for transport in TRANSPORTS:
             dropped.add_metric([transport], self.hub.dropped[transport])
         yield dropped
+        yield _counter(
+            "ringstream_subscriber_budget_dropped_records_total",
+            "Of the dropped records, those dropped to keep subscribers.memory_budget.",
+            self.hub.budget_dropped,
+        )
+        yield _gauge(
+            "ringstream_subscriber_queued_bytes",
+            "All subscribers' queues together, each counted in full (what "
+            "subscribers.memory_budget bounds), as of the last publish.",
+            self.hub.queued_bytes,
+        )
         disconnects = CounterMetricFamily(
             "ringstream_subscriber_disconnects_total",
             "Subscribers disconnected, by reason (client, slow, shutdown, error).",

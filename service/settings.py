@@ -136,6 +136,8 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
         "heartbeat": _seconds(positive=True),
         "max_batch": _int(1, 100_000),
         "ws_compress": _bool,
+        "memory_budget": parse_size,
+        "send_buffer": parse_size,
     },
     "log": {
         "format": _choice("json", "plain"),

@@ -10,8 +10,11 @@ grows meanwhile, and the fan-out's policy bounds it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from itertools import chain
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -19,6 +22,32 @@ from aiohttp import WSMsgType, web
 from service.batch import Batch
 from service.fanout import Hub, Subscriber
 from service.metrics import Latency
+
+# most record bytes one write takes from a subscriber's queue: the copy a
+# write makes (joined lines, frames) is the subscriber's own memory, held in
+# its transport while the client does not read, so it stays small
+WRITE_BYTES = 64 << 10
+
+
+def cap_send_buffer(transport: asyncio.BaseTransport | None, nbytes: int) -> None:
+    """Bound what the kernel holds for a client that does not read (0: autotuning)."""
+    if not nbytes or transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
+
+
+async def flushed(transport: asyncio.Transport | None, protocol: Any) -> None:
+    """Wait until everything written is in the kernel's hands: at shutdown,
+    what a slow reader has not taken yet would go with the process."""
+    if transport is None or transport.is_closing() or not transport.get_write_buffer_size():
+        return
+    # high-water 0: paused until the buffer is empty, then resumed
+    transport.set_write_buffer_limits(high=0)
+    if protocol._paused:
+        await protocol._drain_helper()
 
 
 class Writer(Protocol):
@@ -70,22 +99,64 @@ class SseWriter:
         await self.resp.write(b": keepalive\n\n")
 
 
+def _ws_header(n: int) -> bytes:
+    """The header of an unmasked, final TEXT frame of n payload bytes (RFC 6455 5.2)."""
+    if n < 126:
+        return _SHORT_HEADERS[n]
+    if n < 1 << 16:
+        return _HEADER_16.pack(0x81, 126, n)
+    return _HEADER_64.pack(0x81, 127, n)
+
+
+_SHORT_HEADERS = tuple(bytes((0x81, n)) for n in range(126))
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
+
+
 class WsWriter:
-    def __init__(self, ws: web.WebSocketResponse, batch: int | None) -> None:
+    """Records as WebSocket text frames: one record each, or arrays of `batch`.
+
+    Uncompressed frames are built here, all of a write's frames in one
+    buffer, and written with one transport write: aiohttp's send_frame costs
+    a call and a syscall per frame and never yields while the socket takes
+    the bytes, which let 200 clients that read nothing hold the loop for
+    seconds. With per-message deflate the compressor's state lives in
+    aiohttp, so frames go through send_frame, and the pump yields after each
+    write.
+    """
+
+    def __init__(self, ws: web.WebSocketResponse, batch: int | None, compress: bool) -> None:
         self.ws = ws
         self.batch = batch  # None: one object per frame; N: arrays of up to N
+        self.compress = compress
+
+    def _payloads(self, batches: list[Batch]) -> list[bytes]:
+        lines = list(chain.from_iterable(b.lines for b in batches))
+        if self.batch is None:
+            return lines
+        n = self.batch
+        return [b"[" + b",".join(lines[i : i + n]) + b"]" for i in range(0, len(lines), n)]
 
     async def records(self, batches: list[Batch]) -> None:
-        send = self.ws.send_frame
-        if self.batch is None:
-            for b in batches:
-                for line in b.lines:
-                    await send(line, WSMsgType.TEXT)
+        payloads = self._payloads(batches)
+        if self.compress:
+            for p in payloads:
+                await self.ws.send_frame(p, WSMsgType.TEXT)
             return
-        lines = list(chain.from_iterable(b.lines for b in batches))
-        n = self.batch
-        for i in range(0, len(lines), n):
-            await send(b"[" + b",".join(lines[i : i + n]) + b"]", WSMsgType.TEXT)
+        header = _ws_header
+        await self._write(b"".join([header(len(p)) + p for p in payloads]))
+
+    async def _write(self, data: bytes) -> None:
+        # private: aiohttp has no public way to write several frames at once
+        writer = self.ws._writer
+        if writer is None or writer._closing or writer.transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        writer.transport.write(data)
+        # the flow control aiohttp's writers apply: wait while the transport
+        # holds more than its high-water mark
+        protocol = writer.protocol
+        if protocol._paused:
+            await protocol._drain_helper()
 
     async def gap(self, marker: dict[str, object]) -> None:
         await self.ws.send_frame(orjson.dumps(marker), WSMsgType.TEXT)
@@ -107,7 +178,7 @@ async def pump(
     # a shutdown lets the replay finish: the live queue holds only records
     # after it, and flushing those alone would skip the rest unannounced
     while sub.replay_until >= 0 and sub.closed in (None, "shutdown"):
-        for gap, part in hub.replay(sub, replay_limit):
+        for gap, part in hub.replay(sub, replay_limit, WRITE_BYTES):
             if gap is not None:
                 await out.gap(gap.marker(part.first if part else None))
             if part is not None and part.lines:
@@ -116,7 +187,9 @@ async def pump(
     while True:
         if sub.closed is not None and sub.closed != "shutdown":
             return
-        if not sub.queue and sub.gap is None:
+        # a gap waits for the record after it, so that its marker can say
+        # where the stream goes on (next_id); only a shutdown flushes it alone
+        if not sub.queue and (sub.gap is None or sub.closed is None):
             if sub.closed is not None:
                 return  # shutdown, and all flushed
             try:
@@ -124,9 +197,12 @@ async def pump(
             except TimeoutError:
                 await out.heartbeat()
             continue
-        gap, batches = sub.take()
+        gap, batches = sub.take(WRITE_BYTES)
         if gap is not None:
             await out.gap(gap.marker(batches[0].first if batches else None))
         if batches:
             await out.records(batches)
             latency.observe(batches)
+        # a write that the socket took whole did not yield: let the other
+        # subscribers, the consumer and the HTTP handlers run between writes
+        await asyncio.sleep(0)

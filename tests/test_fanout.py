@@ -14,6 +14,7 @@ import random
 
 import pytest
 
+from service import streams
 from service.batch import Batch
 from service.fanout import Hub
 from service.metrics import Latency
@@ -102,14 +103,19 @@ async def test_an_unknown_id_before_any_record_gets_a_marker() -> None:
 
 
 @pytest.mark.parametrize("seed", range(300))
-async def test_random_bounds_and_interleavings_lose_nothing_unannounced(seed: int) -> None:
+async def test_random_bounds_and_interleavings_lose_nothing_unannounced(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = random.Random(seed)
     h = hub(
         queue_records=rng.randint(1, 30),
         queue_bytes=rng.randint(50, 400),
         history_records=rng.randint(0, 40),
         history_bytes=rng.randint(50, 600),
+        budget_bytes=rng.choice([0, rng.randint(20, 800)]),
     )
+    # writes cut to a few records: takes that split batches
+    monkeypatch.setattr(streams, "WRITE_BYTES", rng.randint(1, 120))
     published: list[int] = []
 
     def publish() -> None:
@@ -151,3 +157,55 @@ async def test_random_bounds_and_interleavings_lose_nothing_unannounced(seed: in
                 assert m["dropped"] == len(lost)
             covered |= lost
         assert [p for p in expected if p not in got and p not in covered] == []
+
+
+async def test_the_memory_budget_cuts_the_biggest_queues_first() -> None:
+    h = hub(queue_records=10**6, queue_bytes=10**9, budget_bytes=4000)
+    fast = h.subscribe("ws", "p", None, None)
+    slow = [h.subscribe("ws", "p", None, None) for _ in range(3)]
+    for i in range(100):
+        h.publish(batch([8 * i], [100]))
+        fast.take()  # keeps up
+    # all of it queued would be 3 x 10,000 bytes: cut to 3/4 of the budget
+    # whenever it is over, the three laggards at one level
+    assert fast.dropped == 0
+    assert h.queued_bytes <= 4000
+    assert all(s.dropped > 0 for s in slow)
+    assert max(s.bytes for s in slow) - min(s.bytes for s in slow) <= 100
+    assert h.budget_dropped == sum(s.dropped for s in slow) == h.dropped["ws"]
+    gap, _ = slow[0].take()
+    assert gap is not None and gap.dropped == slow[0].dropped
+
+
+async def test_the_memory_budget_with_policy_disconnect_drops_the_biggest() -> None:
+    h = Hub(
+        queue_records=10**6,
+        queue_bytes=10**9,
+        history_records=10,
+        history_bytes=10**6,
+        policy="disconnect",
+        budget_bytes=1000,
+    )
+    subs = [h.subscribe("ws", "p", None, None) for _ in range(3)]
+    for i in range(8):
+        h.publish(batch([8 * i], [100]))
+        subs[0].take()
+        if i % 2:
+            subs[1].take()
+    # subs[2] took nothing: the biggest, disconnected; subs[1] lags less
+    assert [s.closed for s in subs] == [None, None, "slow"]
+
+
+async def test_a_take_is_cut_at_max_bytes_but_takes_one_record_at_least() -> None:
+    h = hub()
+    sub = h.subscribe("ws", "p", None, None)
+    h.publish(batch([0, 8, 16, 24], [30, 30, 30, 30]))
+    h.publish(batch([32], [500]))
+    _, got = sub.take(70)
+    assert [p for b in got for p in b.positions] == [0, 8, 16]
+    assert sub.records == 2 and sub.bytes == 530 and sub.wake.is_set()
+    _, got = sub.take(10)
+    assert [p for b in got for p in b.positions] == [24]
+    _, got = sub.take(10)
+    assert [p for b in got for p in b.positions] == [32]
+    assert sub.records == sub.bytes == 0 and not sub.wake.is_set()

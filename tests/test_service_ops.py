@@ -412,12 +412,9 @@ def test_memory_stays_bounded_with_1000_idle_subscribers(tmp_path: Path) -> None
     if hard != resource.RLIM_INFINITY and hard < 2200:
         pytest.skip(f"needs 2,200 descriptors, the hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
-    config = (
-        NO_SOURCES
-        + BASE_CONFIG.replace("[subscribers]\nheartbeat = 1.0\n", "")
-        + '[subscribers]\nqueue_records = 2000\nqueue_bytes = "512KiB"\n'
-        + 'history_records = 10000\nhistory_bytes = "4MiB"\n'
-    )
+    # the default subscriber bounds: 50,000 records / 16 MiB a queue, and
+    # subscribers.memory_budget (256 MiB) over all of them
+    config = NO_SOURCES + BASE_CONFIG.replace("[subscribers]\nheartbeat = 1.0\n", "")
     with Service(tmp_path, config) as svc:
         clients: list[StalledClient] = []
         for batch in range(1, 11):
@@ -460,9 +457,14 @@ def test_memory_stays_bounded_with_1000_idle_subscribers(tmp_path: Path) -> None
         dropped = metric(svc, 'ringstream_subscriber_dropped_records_total{transport="ndjson"}')
         assert dropped > 0
         assert metric(svc, 'ringstream_subscribers{transport="ndjson"}') == 1001
-        # each queue is bounded at 512 KiB of records it shares with the
-        # others; 1,000 of them must not grow the process by more than that
+        # the budget bounds the queues (each counted in full, though they
+        # share the records), the history its 64 MiB, and each connection
+        # holds at most one write (64 KiB) and its transport's 64 KiB
+        queued = metric(svc, "ringstream_subscriber_queued_bytes")
+        assert queued <= 256 << 20
+        assert metric(svc, "ringstream_subscriber_budget_dropped_records_total") > 0
         print(f"RSS grew {grown / 1e6:.0f} MB with 1,000 stalled subscribers")
-        assert grown < 1000 * 512 * 1024 // 2, f"RSS grew {grown / 1e6:.0f} MB"
+        bound = (256 << 20) + (64 << 20) + 1000 * (128 << 10)
+        assert grown < bound, f"RSS grew {grown / 1e6:.0f} MB"
         for c in clients:
             c.sock.close()
