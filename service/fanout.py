@@ -153,9 +153,11 @@ class Subscriber:
             if not batch.lines:
                 return 0
         self.queue.append(batch)
-        self.records += len(batch)
+        self.records += len(batch.lines)
         self.bytes += batch.nbytes
-        self.wake.set()
+        wake = self.wake
+        if not wake.is_set():
+            wake.set()
         if self.records <= self.max_records and self.bytes <= self.max_bytes:
             return 0
         if self.policy == "disconnect":
@@ -166,32 +168,54 @@ class Subscriber:
     def drop_oldest(self, max_records: int, max_bytes: int, *, whole: bool = False) -> int:
         """Drop the oldest queued records until within the bounds; returns how
         many. `whole`: whole batches only, never a copy of part of one."""
+        # Whole batches first, in a tight loop: a client that reads nothing
+        # has one batch dropped per publish, for every such client, and this
+        # is most of what it costs the loop.
+        queue = self.queue
+        records, nbytes = self.records, self.bytes
         dropped = 0
-        while self.queue and (self.records > max_records or self.bytes > max_bytes):
-            head = self.queue[0]
-            over_r = self.records - max_records
-            over_b = self.bytes - max_bytes
-            if whole or len(self.queue) > 1 or over_r >= len(head) or over_b >= head.nbytes:
-                self.queue.popleft()
-                n, nb = len(head), head.nbytes
-                lost_last = head.last
-            else:  # trim the only batch from its front
-                cut = max(over_r, _bytes_prefix(head, over_b))
-                rest = head.slice(cut)
-                if rest.lines:
-                    self.queue[0] = rest
-                else:  # a record bigger than queue_bytes: nothing stays
-                    self.queue.popleft()
-                n, nb = cut, head.nbytes - rest.nbytes
-                lost_last = head.positions[cut - 1]
-            self.records -= n
-            self.bytes -= nb
+        lost_last = -1
+        while (records > max_records or nbytes > max_bytes) and (
+            whole or len(queue) > 1 or records - max_records >= len(queue[0].lines)
+        ):
+            head = queue.popleft()
+            n = len(head.lines)
+            records -= n
+            nbytes -= head.nbytes
             dropped += n
-            self._note_gap(n, lost_last)
-        if not self.queue and self.closed is None:
+            lost_last = head.positions[-1]
+            if not queue:
+                break
+        self.records, self.bytes = records, nbytes
+        if dropped:
+            self._note_gap(dropped, lost_last)
+        if queue and (records > max_records or nbytes > max_bytes):
+            dropped += self._trim_head(max_records, max_bytes)
+        if not queue and self.closed is None:
             self.wake.clear()  # nothing to write until the next record
         self.dropped += dropped
         return dropped
+
+    def _trim_head(self, max_records: int, max_bytes: int) -> int:
+        """Cut the only queued batch from its front, down to the bounds."""
+        head = self.queue[0]
+        over_r = self.records - max_records
+        over_b = self.bytes - max_bytes
+        if over_b >= head.nbytes:  # a record bigger than queue_bytes: nothing stays
+            self.queue.popleft()
+            n, nb, lost_last = len(head), head.nbytes, head.last
+        else:
+            cut = max(over_r, _bytes_prefix(head, over_b))
+            rest = head.slice(cut)
+            if rest.lines:
+                self.queue[0] = rest
+            else:
+                self.queue.popleft()
+            n, nb, lost_last = cut, head.nbytes - rest.nbytes, head.positions[cut - 1]
+        self.records -= n
+        self.bytes -= nb
+        self._note_gap(n, lost_last)
+        return n
 
     def _note_gap(self, n: int, lost_last: int) -> None:
         if self.gap is None:
