@@ -139,6 +139,10 @@ class Subscriber:
         # disconnects it, since that task may be stuck in a write to a client
         # that reads nothing
         self.writer: asyncio.Task[None] | None = None
+        # in a write that waits for the client to read: what the memory
+        # budget cuts; a subscriber whose writes go through is never cut,
+        # however much one publish just queued for it
+        self.blocked = False
 
     def push(self, batch: Batch) -> int:
         """Queue a published batch; returns records dropped by the policy.
@@ -336,12 +340,13 @@ class Hub:
         """Bring the queues back within the budget, the biggest laggards first.
 
         Queued batches are shared between subscribers, so this counts each
-        queue as if it were its own: an upper bound on what they hold. The
-        biggest queues are cut down to one common level (water-filling), so
-        a subscriber that keeps up never loses records to one that does not.
+        queue as if it were its own: an upper bound on what they hold. Only
+        subscribers whose writes are waiting on their client are cut, the
+        biggest queues down to one common level (water-filling): one that
+        keeps up never loses records to one that does not.
         """
         subs = sorted(
-            (s for s in self.subscribers.values() if s.closed is None and s.bytes),
+            (s for s in self.subscribers.values() if s.closed is None and s.bytes and s.blocked),
             key=lambda s: s.bytes,
             reverse=True,
         )
@@ -355,7 +360,9 @@ class Hub:
             return total
         # down to 3/4 of the budget, not to it: cutting every queue costs a
         # pass over the subscribers, and this way one pays for many publishes
-        level = _water_level([s.bytes for s in subs], self.budget_bytes * 3 // 4)
+        target = self.budget_bytes * 3 // 4
+        unblocked = total - sum(s.bytes for s in subs)
+        level = _water_level([s.bytes for s in subs], max(0, target - unblocked))
         for sub in subs:
             if sub.bytes <= level:
                 break

@@ -198,11 +198,15 @@ async def pump(
                 await out.heartbeat()
             continue
         gap, batches = sub.take(WRITE_BYTES)
-        if gap is not None:
-            await out.gap(gap.marker(batches[0].first if batches else None))
-        if batches:
-            await out.records(batches)
-            latency.observe(batches)
+        sub.blocked = True
+        try:
+            if gap is not None:
+                await out.gap(gap.marker(batches[0].first if batches else None))
+            if batches:
+                await out.records(batches)
+                latency.observe(batches)
+        finally:
+            sub.blocked = False
         # a write that the socket took whole did not yield: let the other
         # subscribers, the consumer and the HTTP handlers run between writes
         await asyncio.sleep(0)

@@ -163,6 +163,8 @@ async def test_the_memory_budget_cuts_the_biggest_queues_first() -> None:
     h = hub(queue_records=10**6, queue_bytes=10**9, budget_bytes=4000)
     fast = h.subscribe("ws", "p", None, None)
     slow = [h.subscribe("ws", "p", None, None) for _ in range(3)]
+    for s in slow:
+        s.blocked = True  # their writes wait on clients that do not read
     for i in range(100):
         h.publish(batch([8 * i], [100]))
         fast.take()  # keeps up
@@ -187,6 +189,8 @@ async def test_the_memory_budget_with_policy_disconnect_drops_the_biggest() -> N
         budget_bytes=1000,
     )
     subs = [h.subscribe("ws", "p", None, None) for _ in range(3)]
+    for s in subs:
+        s.blocked = True
     for i in range(8):
         h.publish(batch([8 * i], [100]))
         subs[0].take()
@@ -209,3 +213,13 @@ async def test_a_take_is_cut_at_max_bytes_but_takes_one_record_at_least() -> Non
     _, got = sub.take(10)
     assert [p for b in got for p in b.positions] == [32]
     assert sub.records == sub.bytes == 0 and not sub.wake.is_set()
+
+
+async def test_the_memory_budget_never_cuts_a_subscriber_whose_writes_go_through() -> None:
+    h = hub(queue_records=10**6, queue_bytes=10**9, budget_bytes=1000)
+    fast = h.subscribe("ws", "p", None, None)  # one publish queues it past the budget
+    slow = h.subscribe("ws", "p", None, None)
+    slow.blocked = True
+    h.publish(batch(list(range(0, 160, 8)), [100] * 20))
+    assert fast.dropped == 0 and fast.bytes == 2000
+    assert slow.dropped == 20 and slow.bytes == 0
