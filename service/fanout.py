@@ -229,8 +229,9 @@ class Subscriber:
         self.last_id = lost_last
 
     def take(self, max_bytes: int | None = None) -> tuple[Gap | None, list[Batch]]:
-        """What is queued, up to about `max_bytes` (at least one record), and
-        the gap to report before it.
+        """What is queued, whole batches up to about `max_bytes` (a batch is cut
+        only past 4 x max_bytes; at least one record), and the gap to report
+        before it.
 
         The bound is what one write may copy: a subscriber that lagged by a
         whole queue must not turn it into one 16 MiB buffer of its own.
@@ -241,7 +242,9 @@ class Subscriber:
         queue = self.queue
         while queue and (max_bytes is None or size < max_bytes):
             head = queue[0]
-            if max_bytes is not None and size + head.nbytes > max_bytes:
+            # whole batches (slicing copies them), unless one is far bigger
+            # than a write should be
+            if max_bytes is not None and size + head.nbytes > 4 * max_bytes:
                 cut = max(1, _bytes_prefix(head, max_bytes - size))
                 if cut < len(head):
                     part, queue[0] = head.slice(0, cut), head.slice(cut)

@@ -26,7 +26,7 @@ from service.metrics import Latency
 # most record bytes one write takes from a subscriber's queue: the copy a
 # write makes (joined lines, frames) is the subscriber's own memory, held in
 # its transport while the client does not read, so it stays small
-WRITE_BYTES = 64 << 10
+WRITE_BYTES = 256 << 10
 
 
 def cap_send_buffer(transport: asyncio.BaseTransport | None, nbytes: int) -> None:
@@ -144,14 +144,19 @@ class WsWriter:
                 await self.ws.send_frame(p, WSMsgType.TEXT)
             return
         header = _ws_header
-        await self._write(b"".join([header(len(p)) + p for p in payloads]))
+        parts = []
+        for p in payloads:
+            parts.append(header(len(p)))
+            parts.append(p)
+        await self._write(parts)
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, parts: list[bytes]) -> None:
         # private: aiohttp has no public way to write several frames at once
         writer = self.ws._writer
         if writer is None or writer._closing or writer.transport.is_closing():
             raise ConnectionResetError("Cannot write to closing transport")
-        writer.transport.write(data)
+        # one vectored write: no copy of the payloads to glue on their headers
+        writer.transport.writelines(parts)
         # the flow control aiohttp's writers apply: wait while the transport
         # holds more than its high-water mark
         protocol = writer.protocol
