@@ -139,10 +139,6 @@ class Subscriber:
         # disconnects it, since that task may be stuck in a write to a client
         # that reads nothing
         self.writer: asyncio.Task[None] | None = None
-        # in a write that waits for the client to read: what the memory
-        # budget cuts; a subscriber whose writes go through is never cut,
-        # however much one publish just queued for it
-        self.blocked = False
 
     def push(self, batch: Batch) -> int:
         """Queue a published batch; returns records dropped by the policy.
@@ -229,9 +225,8 @@ class Subscriber:
         self.last_id = lost_last
 
     def take(self, max_bytes: int | None = None) -> tuple[Gap | None, list[Batch]]:
-        """What is queued, whole batches up to about `max_bytes` (a batch is cut
-        only past 4 x max_bytes; at least one record), and the gap to report
-        before it.
+        """What is queued, up to about `max_bytes` (at least one record), and
+        the gap to report before it.
 
         The bound is what one write may copy: a subscriber that lagged by a
         whole queue must not turn it into one 16 MiB buffer of its own.
@@ -242,9 +237,7 @@ class Subscriber:
         queue = self.queue
         while queue and (max_bytes is None or size < max_bytes):
             head = queue[0]
-            # whole batches (slicing copies them), unless one is far bigger
-            # than a write should be
-            if max_bytes is not None and size + head.nbytes > 4 * max_bytes:
+            if max_bytes is not None and size + head.nbytes > max_bytes:
                 cut = max(1, _bytes_prefix(head, max_bytes - size))
                 if cut < len(head):
                     part, queue[0] = head.slice(0, cut), head.slice(cut)
@@ -343,13 +336,13 @@ class Hub:
         """Bring the queues back within the budget, the biggest laggards first.
 
         Queued batches are shared between subscribers, so this counts each
-        queue as if it were its own: an upper bound on what they hold. Only
-        subscribers whose writes are waiting on their client are cut, the
-        biggest queues down to one common level (water-filling): one that
-        keeps up never loses records to one that does not.
+        queue as if it were its own: an upper bound on what they hold. The
+        biggest queues are cut down to one common level (water-filling), so
+        a subscriber that keeps up loses records to laggards only when a
+        single publish outgrows that level.
         """
         subs = sorted(
-            (s for s in self.subscribers.values() if s.closed is None and s.bytes and s.blocked),
+            (s for s in self.subscribers.values() if s.closed is None and s.bytes),
             key=lambda s: s.bytes,
             reverse=True,
         )
@@ -363,9 +356,7 @@ class Hub:
             return total
         # down to 3/4 of the budget, not to it: cutting every queue costs a
         # pass over the subscribers, and this way one pays for many publishes
-        target = self.budget_bytes * 3 // 4
-        unblocked = total - sum(s.bytes for s in subs)
-        level = _water_level([s.bytes for s in subs], max(0, target - unblocked))
+        level = _water_level([s.bytes for s in subs], self.budget_bytes * 3 // 4)
         for sub in subs:
             if sub.bytes <= level:
                 break

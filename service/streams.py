@@ -50,6 +50,18 @@ async def flushed(transport: asyncio.Transport | None, protocol: Any) -> None:
         await protocol._drain_helper()
 
 
+# what a write takes while the client is behind (the transport still holds
+# bytes from the last one): a client that stopped reading keeps this much
+BEHIND_WRITE_BYTES = 64 << 10
+
+
+def _write_size(out: object) -> int:
+    transport = getattr(out, "transport", None)
+    if transport is not None and transport.get_write_buffer_size():
+        return BEHIND_WRITE_BYTES
+    return WRITE_BYTES
+
+
 class Writer(Protocol):
     async def records(self, batches: list[Batch]) -> None: ...
     async def gap(self, marker: dict[str, object]) -> None: ...
@@ -81,6 +93,8 @@ class NdjsonWriter:
 class SseWriter:
     def __init__(self, resp: web.StreamResponse) -> None:
         self.resp = resp
+        req = resp._req  # set by prepare(); aiohttp keeps the transport there
+        self.transport = req.transport if req is not None else None
 
     async def records(self, batches: list[Batch]) -> None:
         parts = [
@@ -127,6 +141,8 @@ class WsWriter:
 
     def __init__(self, ws: web.WebSocketResponse, batch: int | None, compress: bool) -> None:
         self.ws = ws
+        writer = ws._writer  # see _write
+        self.transport = writer.transport if writer is not None else None
         self.batch = batch  # None: one object per frame; N: arrays of up to N
         self.compress = compress
 
@@ -202,16 +218,12 @@ async def pump(
             except TimeoutError:
                 await out.heartbeat()
             continue
-        gap, batches = sub.take(WRITE_BYTES)
-        sub.blocked = True
-        try:
-            if gap is not None:
-                await out.gap(gap.marker(batches[0].first if batches else None))
-            if batches:
-                await out.records(batches)
-                latency.observe(batches)
-        finally:
-            sub.blocked = False
+        gap, batches = sub.take(_write_size(out))
+        if gap is not None:
+            await out.gap(gap.marker(batches[0].first if batches else None))
+        if batches:
+            await out.records(batches)
+            latency.observe(batches)
         # a write that the socket took whole did not yield: let the other
         # subscribers, the consumer and the HTTP handlers run between writes
         await asyncio.sleep(0)

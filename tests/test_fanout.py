@@ -163,8 +163,6 @@ async def test_the_memory_budget_cuts_the_biggest_queues_first() -> None:
     h = hub(queue_records=10**6, queue_bytes=10**9, budget_bytes=4000)
     fast = h.subscribe("ws", "p", None, None)
     slow = [h.subscribe("ws", "p", None, None) for _ in range(3)]
-    for s in slow:
-        s.blocked = True  # their writes wait on clients that do not read
     for i in range(100):
         h.publish(batch([8 * i], [100]))
         fast.take()  # keeps up
@@ -189,8 +187,6 @@ async def test_the_memory_budget_with_policy_disconnect_drops_the_biggest() -> N
         budget_bytes=1000,
     )
     subs = [h.subscribe("ws", "p", None, None) for _ in range(3)]
-    for s in subs:
-        s.blocked = True
     for i in range(8):
         h.publish(batch([8 * i], [100]))
         subs[0].take()
@@ -200,26 +196,16 @@ async def test_the_memory_budget_with_policy_disconnect_drops_the_biggest() -> N
     assert [s.closed for s in subs] == [None, None, "slow"]
 
 
-async def test_a_take_is_whole_batches_unless_one_is_far_bigger_than_max_bytes() -> None:
+async def test_a_take_is_cut_at_max_bytes_but_takes_one_record_at_least() -> None:
     h = hub()
     sub = h.subscribe("ws", "p", None, None)
     h.publish(batch([0, 8, 16, 24], [30, 30, 30, 30]))
-    h.publish(batch(list(range(32, 112, 8)), [100] * 10))
-    _, got = sub.take(70)  # the first batch whole: no copy of part of it
-    assert [p for b in got for p in b.positions] == [0, 8, 16, 24]
-    _, got = sub.take(100)  # 1,000 bytes > 4 x 100: cut, one record at least
+    h.publish(batch([32], [500]))
+    _, got = sub.take(70)
+    assert [p for b in got for p in b.positions] == [0, 8, 16]
+    assert sub.records == 2 and sub.bytes == 530 and sub.wake.is_set()
+    _, got = sub.take(10)
+    assert [p for b in got for p in b.positions] == [24]
+    _, got = sub.take(10)
     assert [p for b in got for p in b.positions] == [32]
-    assert sub.records == 9 and sub.bytes == 900 and sub.wake.is_set()
-    _, got = sub.take(1000)
-    assert [p for b in got for p in b.positions] == list(range(40, 112, 8))
     assert sub.records == sub.bytes == 0 and not sub.wake.is_set()
-
-
-async def test_the_memory_budget_never_cuts_a_subscriber_whose_writes_go_through() -> None:
-    h = hub(queue_records=10**6, queue_bytes=10**9, budget_bytes=1000)
-    fast = h.subscribe("ws", "p", None, None)  # one publish queues it past the budget
-    slow = h.subscribe("ws", "p", None, None)
-    slow.blocked = True
-    h.publish(batch(list(range(0, 160, 8)), [100] * 20))
-    assert fast.dropped == 0 and fast.bytes == 2000
-    assert slow.dropped == 20 and slow.bytes == 0
