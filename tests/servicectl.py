@@ -7,9 +7,11 @@ Every stderr line is kept, parsed, for assertions on the structured logs.
 
 from __future__ import annotations
 
+import base64
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -204,3 +206,21 @@ def run_cli(
         cwd=cwd,
         timeout=120,
     )
+
+
+def stalled_socket(port: int, path: str, *, ws: bool = False) -> socket.socket:
+    """A client that sends its GET (a WebSocket upgrade with `ws`) and then
+    reads nothing: a 4 KiB receive buffer, set before connect so that the
+    window it offers stays small; the service's writes to it soon block."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    if ws:
+        key = base64.b64encode(os.urandom(16)).decode()
+        head += (
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        )
+    s.sendall((head + "\r\n").encode())
+    return s

@@ -8,7 +8,6 @@ import concurrent.futures
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import aiohttp
 import orjson
 import pytest
 import rs_testplugin
-from servicectl import BASE_CONFIG, Service, http_get, plugin_source, run_cli
+from servicectl import BASE_CONFIG, Service, http_get, plugin_source, run_cli, stalled_socket
 
 import ringcore
 
@@ -37,10 +36,7 @@ class StalledClient:
     buffers fill and the service's writes to it block."""
 
     def __init__(self, port: int, path: str) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.connect(("127.0.0.1", port))
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        self.sock = stalled_socket(port, path)
 
     def read_all(self) -> bytes:
         chunks = []

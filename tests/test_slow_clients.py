@@ -6,15 +6,12 @@ frames are right at every length; a stalled WebSocket is dropped as "slow"."""
 
 from __future__ import annotations
 
-import base64
-import os
-import socket
 from collections.abc import Iterator
 
 import aiohttp
 import orjson
 import pytest
-from servicectl import Service
+from servicectl import Service, stalled_socket
 
 STALLED = 200
 # the defaults but a 4 MiB ring in memfd, one worker and a quick heartbeat
@@ -35,21 +32,6 @@ kind = "synthetic"
 rate = 2000
 size = 256
 """
-
-
-def _stalled(port: int, path: str, ws: bool) -> socket.socket:
-    """A client that sends its request and then never reads."""
-    s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-    if ws:
-        key = base64.b64encode(os.urandom(16)).decode()
-        head += (
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        )
-    s.sendall((head + "\r\n").encode())
-    return s
 
 
 def metrics(svc: Service) -> dict[str, float]:
@@ -77,8 +59,8 @@ async def test_stalled_clients_cost_their_own_queue_only(svc: Service) -> None:
     socks = []
     try:
         for i in range(STALLED):
-            socks.append(_stalled(svc.port, "/ws", ws=True))
-            socks.append(_stalled(svc.port, "/events", ws=False))
+            socks.append(stalled_socket(svc.port, "/ws", ws=True))
+            socks.append(stalled_socket(svc.port, "/events"))
             if i % 50 == 49:  # within the listen backlog
                 svc.wait_log("subscriber_connect", subscriber=2 * (i + 1))
         timeout = aiohttp.ClientTimeout(total=60)
