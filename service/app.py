@@ -23,7 +23,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -38,6 +38,7 @@ from service.filters import FilterSchema
 from service.kernel import KernelSourceError, KernelSources
 from service.loopmon import LoopMonitor
 from service.metrics import Latency, ServiceCollector
+from service.reload import Plan, Reloader
 from service.schema import SchemaError, builtin_schemas, compile_encoder, load_schema_file
 from service.settings import Config, ConfigError
 from service.sources import plugin
@@ -129,6 +130,17 @@ def _check_plugins(specs: list[WorkerSpec]) -> None:
                 raise ConfigError(f"sources[{spec.index}].target: {e}") from None
 
 
+def plan(cfg: Config) -> Plan:
+    """What `cfg` asks for, checked: the schemas, the encoder, the worker plan,
+    the plugins' imports. At start and for every reload."""
+    schemas = load_schemas(cfg)
+    encoder = compile_encoder(schemas)
+    count = cfg["workers"]["count"] or available_cpus()
+    specs = plan_workers([dict(s) for s in cfg.sources], count)
+    _check_plugins(specs)
+    return Plan(cfg, schemas, encoder, specs)
+
+
 def _raise_fd_limit() -> None:
     """Every subscriber is a socket: a soft limit of 1,024 descriptors would
     cap them well below what the machine allows, so take the hard limit."""
@@ -155,10 +167,13 @@ class Service:
         "_http",
         "_consumer",
         "_workers",
+        "_reloads",
     )
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, read_config: Callable[[], Config]) -> None:
+        """`read_config` reads the configuration again, from the layers `cfg` came from."""
         self.cfg = cfg
+        self.read_config = read_config
         self.stop_requested = asyncio.Event()
         self.port: int | None = None
         self.stop_began: float | None = None  # monotonic
@@ -180,13 +195,15 @@ class Service:
 
     def _plan(self) -> None:
         """Config errors surface here, before anything is started."""
-        cfg = self.cfg
         _raise_fd_limit()
-        self.schemas = load_schemas(cfg)
-        self.encoder = compile_encoder(self.schemas)
-        count = cfg["workers"]["count"] or available_cpus()
-        self.specs = plan_workers([dict(s) for s in cfg.sources], count)
-        _check_plugins(self.specs)
+        # SIGHUP asks for a reload: until the reloader is up (and after it is
+        # down) it must not stop the service, as its default action would
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        p = plan(self.cfg)
+        self.schemas, self.encoder = p.schemas, p.encoder
+        # planned: what a reload compares; specs: what the workers get (with
+        # the kernel sources' descriptors)
+        self.planned = self.specs = p.specs
 
     # --- the components, in start order ------------------------------------
 
@@ -333,7 +350,7 @@ class Service:
             backoff_reset=cfg["workers"]["backoff_reset"],
             log=logging.getLogger("ringstream.workers"),
         )
-        collector = ServiceCollector(
+        self.collector = collector = ServiceCollector(
             self.ring,
             self.hub,
             self.supervisor,
@@ -354,6 +371,22 @@ class Service:
         finally:
             left = self.deadline - time.monotonic()
             await self.supervisor.stop(max(0.5, min(3.0, left - 1.5)))
+
+    async def _reloads(self) -> AsyncIterator[None]:
+        """SIGHUP and POST /-/reload: the configuration read again and applied
+        (service/reload.py says what applies at once and what needs a restart)."""
+        reloader = Reloader(self, self.read_config, plan)
+        self.registry.register(reloader.metrics)
+        self.state.reload = reloader.reload
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, reloader.on_sighup)
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            self.state.reload = None
+            await reloader.settle()
 
     # --- the transitions ----------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -57,7 +58,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return o
 
 
-def _serve(cfg: Config) -> int:
+def _serve(cfg: Config, read_config: Callable[[], Config]) -> int:
     import uvloop
 
     from service.app import Service, StartupError
@@ -65,7 +66,7 @@ def _serve(cfg: Config) -> int:
     logs.setup(cfg["log"]["format"], cfg["log"]["level"])
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(Service(cfg).run())
+            return runner.run(Service(cfg, read_config).run())
     except (ConfigError, StartupError) as e:
         print(f"ringstream: {e}", file=sys.stderr)
         return 2
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         out = {**cfg.sections, "sources": list(cfg.sources)}
         sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
-    return _serve(cfg)
+    # a reload reads the same layers again: this file, the environment, these flags
+    return _serve(cfg, lambda: load(args.config, overrides=_overrides(args)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ LANDING = """ringstream: records from a shared-memory ring, streamed in order.
   GET /query     the ring's positions and counters as JSON
   GET /healthz   liveness      GET /readyz   readiness (503 while starting or draining)
   GET /metrics   Prometheus metrics
+  POST /-/reload read the configuration again and apply it (as SIGHUP does)
 """
 
 STREAM_PARAMS = {"format", "from", "last_event_id"}
@@ -57,6 +58,8 @@ class State:
     settings: Mapping[str, Any]  # the [subscribers] section
     batch: int  # consumer batch, also the replay piece size
     phase: str = "starting"  # starting | ready | draining
+    # service/reload.py's Reloader.reload, once serving: (HTTP status, JSON body)
+    reload: Callable[[str], Awaitable[tuple[int, dict[str, Any]]]] | None = None
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
@@ -295,6 +298,14 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def reload_config(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    if st.reload is None:
+        raise _unavailable(st)
+    status, body = await st.reload("http")
+    return web.json_response(body, status=status, dumps=lambda o: orjson.dumps(o).decode())
+
+
 async def landing(request: web.Request) -> web.Response:
     return web.Response(text=LANDING)
 
@@ -309,4 +320,5 @@ def make_app(st: State) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/-/reload", reload_config)
     return app

@@ -153,8 +153,15 @@ class ServiceCollector(Collector):
         self.hub = hub
         self.workers = workers
         self.encoder = encoder
+        self._retired_stats: Counter[str] = Counter()
         self.slots = SlotAttribution(source_of)
         self.ready = ready
+
+    def swap_encoder(self, encoder: ringcore.Encoder) -> None:
+        """A reload's new encoder: the old one's counts stay in the totals, so
+        the counters do not fall back to 0."""
+        self._retired_stats.update(self.encoder.stats())
+        self.encoder = encoder
 
     def collect(self) -> Iterator[Metric]:
         q = self.ring.query()
@@ -202,7 +209,7 @@ class ServiceCollector(Collector):
             "Consumer wake-ups signalled by producers through the eventfd.",
             q.wakeups,
         )
-        stats = self.encoder.stats()
+        stats = self._retired_stats + Counter(self.encoder.stats())
         decoded = CounterMetricFamily(
             "ringstream_decoded_records_total",
             "Records consumed and encoded, by how (schema, or raw and why).",

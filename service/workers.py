@@ -411,11 +411,23 @@ def worker_main(ring: ringcore.Ring, spec: WorkerSpec) -> None:
 # --- the supervisor (in the service process) ------------------------------
 
 
+def check_fits(ring: ringcore.Ring, specs: Sequence[WorkerSpec]) -> None:
+    """Raise SourceConfigError for a synthetic source whose records the ring cannot hold."""
+    for spec in specs:
+        size = spec.options.get("size", 0) if spec.kind == "synthetic" else 0
+        if size > ring.max_record_size:
+            raise SourceConfigError(
+                f"sources[{spec.index}].size: must fit the ring (max_record_size "
+                f"{ring.max_record_size} for ring.size {ring.size}), got {size}"
+            )
+
+
 class _Slot:
     """One planned worker and the process currently running it."""
 
     def __init__(self, spec: WorkerSpec, backoff: float) -> None:
         self.spec = spec
+        self.retired = False  # stopped by a reload: not restarted
         self.process: multiprocessing.process.BaseProcess | None = None
         self.started = 0.0
         self.exited: asyncio.Future[int] | None = None
@@ -436,13 +448,7 @@ class Supervisor:
         backoff_reset: float,
         log: logging.Logger,
     ) -> None:
-        for spec in specs:
-            size = spec.options.get("size", 0) if spec.kind == "synthetic" else 0
-            if size > ring.max_record_size:
-                raise SourceConfigError(
-                    f"sources[{spec.index}].size: must fit the ring (max_record_size "
-                    f"{ring.max_record_size} for ring.size {ring.size}), got {size}"
-                )
+        check_fits(ring, specs)
         self.ring = ring
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -500,6 +506,16 @@ class Supervisor:
             return
         if process.pid is not None:
             self._pids[process.pid] = spec.kind
+        self.log.info(
+            "worker started",
+            extra={
+                "event": "worker_start",
+                "source": spec.kind,
+                "index": spec.index,
+                "instance": spec.instance,
+                "pid": process.pid,
+            },
+        )
         # the sentinel is readable once the child is gone; no polling
         self._loop.add_reader(process.sentinel, self._on_sentinel, slot, process, 0.001)
 
@@ -531,8 +547,8 @@ class Supervisor:
 
     def _after_exit(self, slot: _Slot, code: int) -> None:
         assert self._loop is not None
-        if not self._running:
-            return  # stopping: not a restart
+        if not self._running or slot.retired:
+            return  # stopping, or a reload took it out: not a restart
         spec = slot.spec
         if code == EX_CONFIG:
             self.log.error(
@@ -552,7 +568,7 @@ class Supervisor:
         slot.restart = self._loop.call_later(backoff, self._restart, slot, code, backoff)
 
     def _restart(self, slot: _Slot, code: int, backoff: float) -> None:
-        if not self._running:
+        if not self._running or slot.retired:
             return
         spec = slot.spec
         self.restarts[spec.kind] += 1
@@ -569,15 +585,37 @@ class Supervisor:
             },
         )
 
+    async def replace(
+        self, retire: Sequence[WorkerSpec], launch: Sequence[WorkerSpec], timeout: float
+    ) -> None:
+        """Stop the workers running `retire` (the very spec objects), then start
+        one for each of `launch`; the others run on untouched.
+
+        Stopped first: a source whose config changed must not run twice at once.
+        """
+        gone = [s for s in self._slots if any(s.spec is r for r in retire)]
+        for slot in gone:
+            slot.retired = True
+        await self._terminate(gone, timeout)
+        self._slots = [s for s in self._slots if not s.retired]
+        for spec in launch:
+            self.restarts.setdefault(spec.kind, 0)
+            slot = _Slot(spec, self.backoff_initial)
+            self._slots.append(slot)
+            self._launch(slot)
+
     async def stop(self, timeout: float) -> None:
         """SIGTERM every worker, SIGKILL those still running late; returns within `timeout`."""
         self._running = False
+        await self._terminate(self._slots, timeout)
+
+    async def _terminate(self, slots: Sequence[_Slot], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        for slot in self._slots:
+        for slot in slots:
             if slot.restart is not None:
                 slot.restart.cancel()
                 slot.restart = None
-        running = [s for s in self._slots if s.exited is not None and not s.exited.done()]
+        running = [s for s in slots if s.exited is not None and not s.exited.done()]
         for slot in running:
             assert slot.process is not None
             with contextlib.suppress(ProcessLookupError, ValueError):
