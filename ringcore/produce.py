@@ -109,7 +109,8 @@ class Producer:
     def summary(self) -> str:
         line = (
             f"{PROG}: {self.records} records, {self.bytes} bytes delivered; "
-            f"ring full {self.full} times, {self.retries} retries"
+            f"{self.full} writes found the ring full (a write is one record or a "
+            f"batch; ringstream_reserve_failures_total counts records), {self.retries} retries"
         )
         if self.retries:
             line += f" (waited {self.waited * 1e3:.1f} ms)"

@@ -19,7 +19,7 @@ and a record that cannot be decoded (unframed, unknown type, shorter than its
 schema) is delivered raw, stamped with the time the consumer took it::
 
     {"id": pos, "ts_ns": now, "type": "raw", "type_id": N (framed only),
-     "error": "short record: ..." (framed but short only), "raw": base64}
+     "error": why it is raw, "raw": base64}
 """
 
 from __future__ import annotations
@@ -370,15 +370,27 @@ def _b64(data: bytes | memoryview) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+# ringcore/src/encode.c's ENC_UNFRAMED and ENC_UNKNOWN_TYPE, word for word
+UNFRAMED = "unframed: no RS record header"
+UNKNOWN_TYPE = "unknown type: no schema has this type_id"
+
+
 def decode_record(schemas: dict[int, Schema], pos: int, data: bytes, now_ns: int) -> dict[str, Any]:
     """One record as the dict its JSON is made of (see the module docstring)."""
     head = parse_header(data)
     if head is None:
-        return {"id": pos, "ts_ns": now_ns, "type": RAW_NAME, "raw": _b64(data)}
+        return {"id": pos, "ts_ns": now_ns, "type": RAW_NAME, "error": UNFRAMED, "raw": _b64(data)}
     type_id, ts_ns = head
     schema = schemas.get(type_id)
     if schema is None:
-        return {"id": pos, "ts_ns": now_ns, "type": RAW_NAME, "type_id": type_id, "raw": _b64(data)}
+        return {
+            "id": pos,
+            "ts_ns": now_ns,
+            "type": RAW_NAME,
+            "type_id": type_id,
+            "error": UNKNOWN_TYPE,
+            "raw": _b64(data),
+        }
     if len(data) < schema.size:
         return {
             "id": pos,

@@ -682,7 +682,8 @@ def produce(
 
 
 SUMMARY = re.compile(
-    r"(\d+) records, (\d+) bytes delivered; ring full (\d+) times, (\d+) retries.*, "
+    r"(\d+) records, (\d+) bytes delivered; (\d+) writes found the ring full .*?, "
+    r"(\d+) retries.*, "
     r"(?:nothing dropped|(\d+) dropped \((\d+) bytes\))"
 )
 

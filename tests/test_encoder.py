@@ -317,7 +317,17 @@ def test_builtin_schemas_records():
         "error": "short record: 40 bytes, schema exec needs 453",
         "raw": "UlMBAAAAAABNAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==",
     }
-    assert parsed(enc.encode(5, b"hi", 9)) == {"id": 5, "ts_ns": 9, "type": "raw", "raw": "aGk="}
+    assert parsed(enc.encode(5, b"hi", 9)) == {
+        "id": 5,
+        "ts_ns": 9,
+        "type": "raw",
+        "error": "unframed: no RS record header",
+        "raw": "aGk=",
+    }
+    unknown = pack_header(999, 77) + bytes(8)
+    got = parsed(enc.encode(5, unknown, 9))
+    assert got["type"] == "raw" and got["type_id"] == 999, got
+    assert got["error"] == "unknown type: no schema has this type_id", got
 
 
 def test_stats_count_by_reason():

@@ -762,6 +762,10 @@ static char *put_field(char *p, const struct enc_field *f,
 	return p;
 }
 
+/* service/schema.py's UNFRAMED and UNKNOWN_TYPE, word for word */
+#define ENC_UNFRAMED "unframed: no RS record header"
+#define ENC_UNKNOWN_TYPE "unknown type: no schema has this type_id"
+
 static ssize_t put_raw(struct encoder *e, uint64_t pos,
 		       const unsigned char *d, size_t len, uint64_t now_ns,
 		       unsigned type_id, const struct enc_schema *s)
@@ -782,7 +786,11 @@ static ssize_t put_raw(struct encoder *e, uint64_t pos,
 		p = PUT_LIT(p, ",\"type_id\":");
 		p = put_u64(p, type_id);
 	}
-	if (s) {
+	if (!type_id) {
+		p = PUT_LIT(p, ",\"error\":\"" ENC_UNFRAMED "\"");
+	} else if (!s) {
+		p = PUT_LIT(p, ",\"error\":\"" ENC_UNKNOWN_TYPE "\"");
+	} else {
 		p = PUT_LIT(p, ",\"error\":\"short record: ");
 		p = put_u64(p, len);
 		p = PUT_LIT(p, " bytes, schema ");
