@@ -34,12 +34,15 @@ TRANSPORTS = ("ndjson", "sse", "ws")
 class Gap:
     """Records a subscriber will not get: a marker goes out before the next record."""
 
-    reason: str  # "slow_subscriber" | "history"
+    reason: str  # "slow_subscriber" | "history" | "unknown_id" | "restart"
     after_id: int  # the last id before the gap (-1: from the beginning)
     dropped: int | None = None  # None: not known (history)
+    after_epoch: str | None = None  # restart: the run `after_id` belongs to
 
     def marker(self, next_id: int | None) -> dict[str, object]:
         m: dict[str, object] = {"type": "gap", "reason": self.reason, "after_id": self.after_id}
+        if self.after_epoch is not None:
+            m["after_epoch"] = self.after_epoch
         if next_id is not None:
             m["next_id"] = next_id
         if self.dropped is not None:
@@ -165,9 +168,17 @@ class Subscriber:
             return 0
         return self.drop_oldest(self.max_records, self.max_bytes)
 
-    def drop_oldest(self, max_records: int, max_bytes: int, *, whole: bool = False) -> int:
+    def drop_oldest(
+        self,
+        max_records: int,
+        max_bytes: int,
+        *,
+        tails: dict[int, Batch] | None = None,
+    ) -> int:
         """Drop the oldest queued records until within the bounds; returns how
-        many. `whole`: whole batches only, never a copy of part of one."""
+        many. With `tails` (the memory budget's cut): whole batches only, and
+        of the newest batch its last record, shared through `tails` (keyed by
+        id(batch)) among the subscribers cut in one pass, never a copy each."""
         # Whole batches first, in a tight loop: a client that reads nothing
         # has one batch dropped per publish, for every such client, and this
         # is most of what it costs the loop.
@@ -176,7 +187,7 @@ class Subscriber:
         dropped = 0
         lost_last = -1
         while (records > max_records or nbytes > max_bytes) and (
-            whole or len(queue) > 1 or records - max_records >= len(queue[0].lines)
+            len(queue) > 1 or (tails is None and records - max_records >= len(queue[0].lines))
         ):
             head = queue.popleft()
             n = len(head.lines)
@@ -189,8 +200,23 @@ class Subscriber:
         self.records, self.bytes = records, nbytes
         if dropped:
             self._note_gap(dropped, lost_last)
-        if queue and (records > max_records or nbytes > max_bytes):
+        if not queue or (records <= max_records and nbytes <= max_bytes):
+            pass
+        elif tails is None:
             dropped += self._trim_head(max_records, max_bytes)
+        elif len(queue[0].lines) > 1:
+            # the newest record stays, whatever the level: a gap marker waits
+            # for the record after it, and a stream that keeps up must go on
+            head = queue[0]
+            tail = tails.get(id(head))
+            if tail is None:
+                tail = tails[id(head)] = head.slice(len(head.lines) - 1)
+            queue[0] = tail
+            n = len(head.lines) - 1
+            self.records -= n
+            self.bytes -= head.nbytes - tail.nbytes
+            self._note_gap(n, head.positions[-2])
+            dropped += n
         if not queue and self.closed is None:
             self.wake.clear()  # nothing to write until the next record
         self.dropped += dropped
@@ -357,13 +383,14 @@ class Hub:
         # down to 3/4 of the budget, not to it: cutting every queue costs a
         # pass over the subscribers, and this way one pays for many publishes
         level = _water_level([s.bytes for s in subs], self.budget_bytes * 3 // 4)
+        tails: dict[int, Batch] = {}
         for sub in subs:
             if sub.bytes <= level:
                 break
             before = sub.bytes
             # whole batches: a level below one batch would otherwise copy
             # the rest of that batch for every subscriber cut
-            dropped = sub.drop_oldest(sub.max_records, level, whole=True)
+            dropped = sub.drop_oldest(sub.max_records, level, tails=tails)
             total -= before - sub.bytes
             self.dropped[sub.transport] += dropped
             self.budget_dropped += dropped
@@ -387,9 +414,16 @@ class Hub:
             sub.writer.cancel()
 
     def subscribe(
-        self, transport: str, peer: str, flt: Filter | None, after: int | None
+        self,
+        transport: str,
+        peer: str,
+        flt: Filter | None,
+        after: int | None,
+        after_epoch: str | None = None,
     ) -> Subscriber:
-        """A new live subscriber; with `after`, it first replays the history past that id."""
+        """A new live subscriber; with `after`, it first replays the history past
+        that id. `after_epoch`: `after` is an id of an earlier run (a restart),
+        so everything this run has is new to it."""
         sub = Subscriber(
             next(self._ids),
             transport,
@@ -400,7 +434,18 @@ class Hub:
             self.policy,
         )
         sub.last_id = self.history.last
-        if after is not None and after < self.history.last:
+        if after is not None and after_epoch is not None:
+            # positions started again at 0: whatever the old id, the client
+            # has none of this run's records
+            gap = Gap("restart", after, after_epoch=after_epoch)
+            if self.history.last < 0:
+                sub.gap = gap
+            else:
+                sub.replay_gap = gap
+                sub.cursor = -1
+                sub.replay_until = self.history.last
+            sub.wake.set()
+        elif after is not None and after < self.history.last:
             sub.cursor = after
             sub.replay_until = self.history.last
             sub.wake.set()
@@ -424,6 +469,7 @@ class Hub:
                 "peer": peer,
                 "filter": flt.spec if flt else None,
                 "after": after,
+                "after_epoch": after_epoch,
             },
         )
         return sub
@@ -444,12 +490,24 @@ class Hub:
         if part is None or part.last >= sub.replay_until:
             sub.replay_until = -1  # caught up: live records from here
         if part is None:
-            if gap is not None:
+            if gap is not None and sub.gap is None:
+                sub.gap = gap  # the live queue's first record gives next_id
+            elif gap is not None:
                 yield gap, None
             return
         sub.cursor = part.last
         if sub.filter is not None:
             part = sub.filter.apply(part)
+            if gap is not None and not part.lines:
+                # nothing here passes the filter: the marker waits for the
+                # record after it, so that it can say where the stream goes on
+                if sub.replay_until >= 0:
+                    sub.replay_gap = gap
+                elif sub.gap is None:
+                    sub.gap = gap  # the live queue's first record gives next_id
+                else:
+                    yield gap, None
+                return
         sub.delivered += len(part)
         yield gap, part
 

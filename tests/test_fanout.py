@@ -17,6 +17,7 @@ import pytest
 from service import streams
 from service.batch import Batch
 from service.fanout import Hub
+from service.filters import FilterSchema
 from service.metrics import Latency
 from service.streams import pump
 
@@ -45,9 +46,9 @@ class Recorder:
         return [v for k, v in self.out if k == "r"]
 
 
-def batch(ids: list[int], sizes: list[int] | None = None) -> Batch:
+def batch(ids: list[int], sizes: list[int] | None = None, types: list[int] | None = None) -> Batch:
     sizes = sizes or [10] * len(ids)
-    return Batch.of([b"x" * s for s in sizes], ids, [0] * len(ids), [1] * len(ids))
+    return Batch.of([b"x" * s for s in sizes], ids, [0] * len(ids), types or [1] * len(ids))
 
 
 def hub(**bounds: int) -> Hub:
@@ -209,3 +210,53 @@ async def test_a_take_is_cut_at_max_bytes_but_takes_one_record_at_least() -> Non
     _, got = sub.take(10)
     assert [p for b in got for p in b.positions] == [32]
     assert sub.records == sub.bytes == 0 and not sub.wake.is_set()
+
+
+async def test_a_filtered_replay_marker_says_where_the_stream_goes_on() -> None:
+    h = hub(history_records=6)
+    # ids 0..72 by 8, type 1 except 56 and 72; the history keeps 32..72
+    for i in range(10):
+        h.publish(batch([8 * i], types=[2 if i in (7, 9) else 1]))
+    only2 = FilterSchema({"one": 1, "two": 2}, []).parse([("type", "two")])
+    sub = h.subscribe("ndjson", "p", only2, 0)  # 0 left the history long ago
+    out = Recorder()
+    h.close_all("shutdown")
+    # pieces of one record: the marker's own piece (32) passes nothing
+    await pump(h, sub, out, Latency(), heartbeat=5, replay_limit=1)
+    assert out.out[0] == ("g", {"type": "gap", "reason": "history", "after_id": 0, "next_id": 56})
+    assert out.ids() == [56, 72]
+
+
+async def test_a_filtered_stream_past_the_history_gets_next_id_from_the_live_queue() -> None:
+    h = hub(history_records=2)
+    for i in range(4):
+        h.publish(batch([8 * i]))
+    only2 = FilterSchema({"one": 1, "two": 2}, []).parse([("type", "two")])
+    sub = h.subscribe("ndjson", "p", only2, 0)
+    out = Recorder()
+    task = asyncio.create_task(pump(h, sub, out, Latency(), heartbeat=5, replay_limit=10))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert out.out == []  # the marker waits for a record that passes
+    h.publish(batch([32, 40], types=[1, 2]))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    h.close_all("shutdown")
+    await task
+    assert out.out == [
+        ("g", {"type": "gap", "reason": "history", "after_id": 0, "next_id": 40}),
+        ("r", 40),
+    ]
+
+
+async def test_the_budget_keeps_the_newest_record_of_a_publish_above_its_level() -> None:
+    # one publish bigger than the whole budget, to 50 subscribers: all cut,
+    # and each keeps the newest record, one shared copy for all
+    h = hub(queue_records=10**6, queue_bytes=10**9, budget_bytes=10_000)
+    subs = [h.subscribe("ws", "p", None, None) for _ in range(50)]
+    h.publish(batch(list(range(0, 8000, 8)), [100] * 1000))
+    assert all(len(s.queue) == 1 and s.queue[0].positions == (7992,) for s in subs)
+    assert len({id(s.queue[0]) for s in subs}) == 1
+    gap, batches = subs[0].take()
+    assert gap is not None and gap.dropped == 999
+    assert gap.marker(batches[0].first)["next_id"] == 7992
