@@ -35,9 +35,11 @@ from service.consumer import RingConsumer
 from service.endpoints import State, make_app
 from service.fanout import Hub
 from service.filters import FilterSchema
+from service.guard import ConnectionGuard, GuardedRunner, Rejections, install_log_filter
 from service.kernel import KernelSourceError, KernelSources
 from service.loopmon import LoopMonitor
 from service.metrics import Latency, ServiceCollector
+from service.origins import OriginPolicy, add_cors_headers
 from service.reload import Plan, Reloader
 from service.schema import SchemaError, builtin_schemas, compile_encoder, load_schema_file
 from service.settings import Config, ConfigError
@@ -139,6 +141,17 @@ def plan(cfg: Config) -> Plan:
     specs = plan_workers([dict(s) for s in cfg.sources], count)
     _check_plugins(specs)
     return Plan(cfg, schemas, encoder, specs)
+
+
+def check(cfg: Config) -> Plan:
+    """Every check of `cfg` that needs no running service: the plan and the
+    ring's size (a ring never written costs no memory: made and closed)."""
+    p = plan(cfg)
+    try:
+        ringcore.Ring(cfg["ring"]["size"], shm_dir=None).close()
+    except ValueError as e:
+        raise ConfigError(f"ring.size: {e}") from None
+    return p
 
 
 def _raise_fd_limit() -> None:
@@ -282,7 +295,12 @@ class Service:
                     self.ring, self.cfg["ring"]["attach_socket"], allowed_uids=uids
                 )
             except OSError as e:
-                raise StartupError(f"ring.attach_socket: {e}") from None
+                path = self.cfg["ring"]["attach_socket"]
+                parent = os.path.dirname(os.path.abspath(path))
+                why = e.strerror or str(e)
+                if not os.path.isdir(parent):
+                    why = f"its directory {parent} does not exist"
+                raise StartupError(f"ring.attach_socket: cannot listen on {path}: {why}") from None
         try:
             yield
         finally:
@@ -305,7 +323,22 @@ class Service:
 
     async def _http(self) -> AsyncIterator[None]:
         """The HTTP server; at stop, the streams end (flushed, WebSockets 1001) first."""
-        runner = web.AppRunner(make_app(self.state), handle_signals=False, shutdown_timeout=1.0)
+        server = self.cfg["server"]
+        rejections = Rejections()
+        self.guard = ConnectionGuard(rejections, server)
+        self.origins = OriginPolicy(rejections, server)
+        self.registry.register(rejections)
+        self.registry.register(self.guard)
+        app = make_app(self.state, [self.guard.middleware, self.origins.middleware])
+        app.on_response_prepare.append(add_cors_headers)
+        runner = GuardedRunner(
+            app,
+            self.guard,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+            keepalive_timeout=server["idle_timeout"],
+        )
+        remove_log_filter = install_log_filter(rejections)
         await runner.setup()
         host, port = self.cfg["server"]["host"], self.cfg["server"]["port"]
         site = web.TCPSite(runner, host, port, backlog=self.cfg["server"]["backlog"])
@@ -313,8 +346,12 @@ class Service:
             await site.start()
         except OSError as e:
             await runner.cleanup()
+            remove_log_filter()
+            # the address is the host's fault (no such interface, no such
+            # name), a port in use or privileged the port's
+            key = "server.port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "server.host"
             raise StartupError(
-                f"server.port: cannot listen on {host}:{port}: {e.strerror}"
+                f"{key}: cannot listen on {host}:{port}: {e.strerror or e}"
             ) from None
         self.port = _bound_port(runner, port)
         try:
@@ -329,6 +366,7 @@ class Service:
                 for task in late:
                     task.cancel()
             await runner.cleanup()
+            remove_log_filter()
 
     async def _consumer(self) -> AsyncIterator[None]:
         """The ring's consumer on the loop; at stop, what is left is drained."""

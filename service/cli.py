@@ -80,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ringstream: configuration error: {e}", file=sys.stderr)
         return 2
     if args.command == "config":
+        from service.app import check
+
+        # what serve checks before it starts anything, so that a config this
+        # prints is one serve takes
+        try:
+            check(cfg)
+        except ConfigError as e:
+            print(f"ringstream: configuration error: {e}", file=sys.stderr)
+            return 2
         out = {**cfg.sections, "sources": list(cfg.sources)}
         sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +43,9 @@ LANDING = """ringstream: records from a shared-memory ring, streamed in order.
   POST /-/reload read the configuration again and apply it (as SIGHUP does)
 """
 
-STREAM_PARAMS = {"format", "from", "last_event_id"}
-WS_PARAMS = {"from", "last_event_id", "batch"}
+STREAM_PARAMS = {"format", "from", "last_event_id", "epoch"}
+WS_PARAMS = {"from", "last_event_id", "batch", "epoch"}
+EPOCH = re.compile(r"[0-9a-z]{1,32}")
 
 
 @dataclass
@@ -61,6 +64,9 @@ class State:
     # service/reload.py's Reloader.reload, once serving: (HTTP status, JSON body)
     reload: Callable[[str], Awaitable[tuple[int, dict[str, Any]]]] | None = None
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
+    # this run's name: ids are ring positions, which start again at 0 with
+    # every start, so an id means something only with its epoch
+    epoch: str = field(default_factory=lambda: secrets.token_hex(4))
 
 
 STATE = web.AppKey("state", State)
@@ -78,24 +84,43 @@ def _unavailable(st: State) -> web.HTTPServiceUnavailable:
     )
 
 
-def _id(value: str, name: str) -> int:
-    """A record id (a ring position): ASCII digits, at most 2^64 - 1."""
-    n = ascii_int(value, 0, U64_MAX)
+def _epoch(value: str, name: str) -> str:
+    if not EPOCH.fullmatch(value):
+        raise _bad(f"{name}: an epoch is 1 to 32 lower-case letters and digits, got {value!r}")
+    return value
+
+
+def _id(value: str, name: str, epoch: str | None) -> tuple[str | None, int]:
+    """(epoch, id) from "EPOCH-ID" (as SSE sends it) or "ID" (of `epoch`, by
+    default this run); the id a ring position, ASCII digits, at most 2^64 - 1."""
+    text = value
+    if "-" in value and not value.startswith("-"):
+        given, _, text = value.rpartition("-")
+        epoch = _epoch(given, name)
+    n = ascii_int(text, 0, U64_MAX)
     if n is None:
-        raise _bad(f"{name}: must be an integer from 0 to {U64_MAX}, got {value!r}")
-    return n
+        raise _bad(
+            f"{name}: must be an integer from 0 to {U64_MAX}, got {value!r} "
+            "(or EPOCH-N, as an SSE id carries it)"
+        )
+    return epoch, n
 
 
-def _resume(request: web.Request) -> int | None:
-    """The id to resume after, from Last-Event-ID, ?last_event_id= or ?from= (inclusive)."""
+def _resume(st: State, request: web.Request) -> tuple[int | None, str | None]:
+    """(the id to resume after, the epoch it is from if not this run's), from
+    Last-Event-ID, ?last_event_id= or ?from= (inclusive), and ?epoch=."""
     q = request.query
+    epoch = _epoch(q["epoch"], "epoch") if "epoch" in q else None
     if "from" in q:
-        return _id(q["from"], "from") - 1
-    if "last_event_id" in q:
-        return _id(q["last_event_id"], "last_event_id")
-    if "Last-Event-ID" in request.headers:
-        return _id(request.headers["Last-Event-ID"], "Last-Event-ID")
-    return None
+        epoch, n = _id(q["from"], "from", epoch)
+        after: int | None = n - 1
+    elif "last_event_id" in q:
+        epoch, after = _id(q["last_event_id"], "last_event_id", epoch)
+    elif "Last-Event-ID" in request.headers:
+        epoch, after = _id(request.headers["Last-Event-ID"], "Last-Event-ID", epoch)
+    else:
+        return None, None
+    return after, (epoch if epoch not in (None, st.epoch) else None)
 
 
 def _filter(st: State, request: web.Request, known: set[str]) -> Filter | None:
@@ -120,9 +145,10 @@ async def events(request: web.Request) -> web.StreamResponse:
         fmt = "sse" if "text/event-stream" in accept else "ndjson"
     if fmt not in ("ndjson", "sse"):
         raise _bad(f"format: must be 'ndjson' or 'sse', got {fmt!r}")
-    after = _resume(request)
+    after, after_epoch = _resume(st, request)
     flt = _filter(st, request, STREAM_PARAMS)
     headers = {
+        "Ringstream-Epoch": st.epoch,
         "Content-Type": "text/event-stream" if fmt == "sse" else "application/x-ndjson",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # tell proxies not to hold the stream back
@@ -133,8 +159,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers=headers)
     cap_send_buffer(request.transport, st.settings["send_buffer"])
     await resp.prepare(request)
-    sub = st.hub.subscribe(fmt, _peer(request), flt, after)
-    writer = SseWriter(resp) if fmt == "sse" else NdjsonWriter(resp, request.transport)
+    sub = st.hub.subscribe(fmt, _peer(request), flt, after, after_epoch)
+    writer = SseWriter(resp, st.epoch) if fmt == "sse" else NdjsonWriter(resp, request.transport)
     reason = "client"
     try:
         await _run_stream(st, sub, writer)
@@ -189,16 +215,17 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         batch = ascii_int(text, 1, most)
         if batch is None:
             raise _bad(f"batch: must be an integer from 1 to {most}, got {text!r}")
-    after = _resume(request)
+    after, after_epoch = _resume(st, request)
     flt = _filter(st, request, WS_PARAMS)
     ws = web.WebSocketResponse(
         heartbeat=st.settings["heartbeat"],
         compress=st.settings["ws_compress"],
         max_msg_size=1 << 16,
     )
+    ws.headers["Ringstream-Epoch"] = st.epoch
     cap_send_buffer(request.transport, st.settings["send_buffer"])
     await ws.prepare(request)
-    sub = st.hub.subscribe("ws", _peer(request), flt, after)
+    sub = st.hub.subscribe("ws", _peer(request), flt, after, after_epoch)
     sender = asyncio.create_task(_run_stream(st, sub, WsWriter(ws, batch, bool(ws.compress))))
     reason = "client"
     try:
@@ -276,8 +303,10 @@ async def _ws_error(ws: web.WebSocketResponse, message: str) -> None:
 
 
 async def query(request: web.Request) -> web.Response:
-    q = request.app[STATE].ring.query()
-    body = {name: getattr(q, name) for name in type(q).__match_args__}
+    st = request.app[STATE]
+    q = st.ring.query()
+    body: dict[str, Any] = {name: getattr(q, name) for name in type(q).__match_args__}
+    body["epoch"] = st.epoch
     return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
 
 
@@ -310,8 +339,8 @@ async def landing(request: web.Request) -> web.Response:
     return web.Response(text=LANDING)
 
 
-def make_app(st: State) -> web.Application:
-    app = web.Application()
+def make_app(st: State, middlewares: Sequence[Any] = ()) -> web.Application:
+    app = web.Application(middlewares=middlewares)
     app[STATE] = st
     app.router.add_get("/", landing)
     app.router.add_get("/events", events)

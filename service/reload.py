@@ -48,6 +48,9 @@ log = logging.getLogger("ringstream.reload")
 LIVE_KEYS = frozenset(
     {
         "server.shutdown_timeout",
+        "server.max_connections",
+        "server.header_timeout",
+        "server.allowed_origins",
         "workers.count",
         "workers.backoff_initial",
         "workers.backoff_max",
@@ -366,6 +369,9 @@ class Reloader:
                 },
             )
         _apply_subscribers(svc, p.cfg["subscribers"])
+        # the connection limits apply to connections accepted from now on
+        svc.guard.configure(p.cfg["server"])
+        svc.origins.configure(p.cfg["server"])
         _apply_consumer(svc, p.cfg["consumer"])
         _apply_workers(svc, p.cfg["workers"])
         if p.schemas_changed:

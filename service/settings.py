@@ -101,6 +101,25 @@ def _paths(value: object, key: str) -> tuple[str, ...]:
     return tuple(_str(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
+def _origins(value: object, key: str) -> tuple[str, ...]:
+    from service.origins import normalize
+
+    if not isinstance(value, list):
+        raise _fail(key, 'must be a list of origins ("https://host:port", "*")', value)
+    out = []
+    for i, v in enumerate(value):
+        n = v if v == "*" else normalize(v) if isinstance(v, str) else None
+        if n is None:
+            raise _fail(
+                f"{key}[{i}]",
+                'must be an origin such as "https://dash.example:8443" '
+                '(scheme, host, optional port, no path), "null" or "*"',
+                v,
+            )
+        out.append(n)
+    return tuple(out)
+
+
 # section -> key -> checker; the keys of config/default.toml, all of them
 SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "server": {
@@ -108,6 +127,10 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
         "port": _int(0, 65535),
         "shutdown_timeout": _seconds(positive=True),
         "backlog": _int(1, 65535),
+        "max_connections": _int(1, 1_000_000),
+        "header_timeout": _seconds(positive=True),
+        "idle_timeout": _seconds(positive=True),
+        "allowed_origins": _origins,
     },
     "ring": {
         "size": parse_size,

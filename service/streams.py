@@ -91,14 +91,18 @@ class NdjsonWriter:
 
 
 class SseWriter:
-    def __init__(self, resp: web.StreamResponse) -> None:
+    def __init__(self, resp: web.StreamResponse, epoch: str) -> None:
         self.resp = resp
+        # "EPOCH-ID": a plain EventSource sends it back as Last-Event-ID, so
+        # a reconnect after a restart is told apart from a resume
+        self.id_prefix = epoch.encode() + b"-"
         req = resp._req  # set by prepare(); aiohttp keeps the transport there
         self.transport = req.transport if req is not None else None
 
     async def records(self, batches: list[Batch]) -> None:
+        prefix = self.id_prefix
         parts = [
-            b"id: %d\ndata: %b\n\n" % (pos, line)
+            b"id: %b%d\ndata: %b\n\n" % (prefix, pos, line)
             for b in batches
             for pos, line in zip(b.positions, b.lines, strict=True)
         ]

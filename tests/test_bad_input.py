@@ -149,7 +149,9 @@ async def test_websocket_bad_filter_value_keeps_the_filter_and_the_connection(
     name = next(iter(bad))
     async with (
         aiohttp.ClientSession() as http,
-        http.ws_connect(svc.ws_url("/ws")) as ws,
+        # the raw trickle is live: without a filter from the start, a raw
+        # record could arrive ahead of the ack
+        http.ws_connect(svc.ws_url("/ws?type=synthetic")) as ws,
     ):
         # the plugin's records are all in the past: this filter passes nothing live
         await ws.send_json({"filter": {"type": ["synthetic"]}})

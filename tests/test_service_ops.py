@@ -279,20 +279,50 @@ def test_readyz_is_503_while_draining(tmp_path: Path) -> None:
         ("this is not toml", "not valid TOML"),
     ],
 )
+@pytest.mark.parametrize("command", ["serve", "config"])
 def test_invalid_config_fails_at_start_naming_the_key(
-    tmp_path: Path, config: str, message: str
+    tmp_path: Path, config: str, message: str, command: str
 ) -> None:
+    """`ringstream config` refuses what `serve` refuses: one validation."""
     path = tmp_path / "bad.toml"
     path.write_text(config)
-    r = run_cli("serve", "--config", str(path), "--port", "0")
+    r = run_cli(command, "--config", str(path), "--port", "0")
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
 
 
-def test_invalid_env_override_names_the_variable(tmp_path: Path) -> None:
-    r = run_cli("serve", "--port", "0", env={"RINGSTREAM_SUBSCRIBERS_QUEUE_RECORDS": "lots"})
-    assert r.returncode == 2
-    assert "subscribers.queue_records: must be an integer" in r.stderr
+@pytest.mark.parametrize("command", ["serve", "config"])
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ((), {"RINGSTREAM_SUBSCRIBERS_QUEUE_RECORDS": "lots"}, "subscribers.queue_records:"),
+        ((), {"RINGSTREAM_SOURCES_1_RATE": "fast"}, "sources[1].rate"),
+        (("--ring-size", "1000"), {}, "ring.size"),
+    ],
+)  # fmt: skip
+def test_invalid_overrides_name_the_key(
+    command: str, args: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    r = run_cli(command, "--port", "0", *args, env=env)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr
+
+
+def test_a_bad_host_is_blamed_on_server_host(tmp_path: Path) -> None:
+    r = run_cli("serve", "--host", "999.1.1.1", "--port", "0", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "server.host" in r.stderr and "999.1.1.1" in r.stderr, r.stderr
+    assert "server.port" not in r.stderr
+
+
+def test_an_attach_socket_in_a_missing_directory_names_the_path(tmp_path: Path) -> None:
+    where = tmp_path / "no" / "such" / "dir" / "attach.sock"
+    r = run_cli(
+        "serve", "--port", "0", env={"RINGSTREAM_RING_ATTACH_SOCKET": str(where)}, cwd=tmp_path
+    )
+    assert r.returncode == 2, r.stderr
+    assert "ring.attach_socket" in r.stderr and str(where) in r.stderr, r.stderr
+    assert "directory" in r.stderr, r.stderr
 
 
 def test_env_and_flags_override_the_file(tmp_path: Path) -> None:

@@ -128,7 +128,9 @@ async def test_sse_resumes_after_last_event_id(svc: Service) -> None:
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             first = await read_sse(resp, 500)
         assert [d["seq"] for _, _, d in first] == list(range(500))
-        assert all(i == str(d["id"]) for i, _, d in first)
+        # SSE ids carry this run's epoch: EPOCH-ID
+        epoch = resp.headers["Ringstream-Epoch"]
+        assert all(i == f"{epoch}-{d['id']}" for i, _, d in first)
         last_id = first[-1][0]
         assert last_id is not None
         headers["Last-Event-ID"] = last_id
