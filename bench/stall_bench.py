@@ -17,6 +17,8 @@ it), then for each case:
             record), the records dropped from the stalled ones, how many
             WebSockets were dropped as slow (missed pongs), the service's RSS
             and the kernel's TCP memory (/proc/net/sockstat).
+  sigterm   SIGTERM with the stall case's clients connected: how long the
+            whole exit took, against server.shutdown_timeout and the stop log.
   memory    1,000 stalled NDJSON clients on the defaults while 10,000
             records/s flow: RSS growth and the kernel's TCP memory growth,
             against what subscribers.memory_budget allows.
@@ -73,8 +75,10 @@ class ServiceProc:
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
-        for _ in self.proc.stderr:
-            pass
+        self.stop_log: dict[str, object] | None = None
+        for line in self.proc.stderr:
+            if b'"event": "stop"' in line or b'"event":"stop"' in line:
+                self.stop_log = json.loads(line)
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=60) as r:
@@ -258,6 +262,31 @@ def memory_case(n: int, rate: float, seconds: float) -> None:
         svc.stop()
 
 
+def sigterm_case(rate: float, n_ws: int, n_nd: int) -> None:
+    """SIGTERM with every stalled client still connected: the whole exit
+    (streams ended, workers joined, the interpreter gone) against
+    server.shutdown_timeout and what the stop log says it took."""
+    svc = ServiceProc(rate)
+    socks = [stalled(svc.port, "/ws", ws=True) for _ in range(n_ws)]
+    socks += [stalled(svc.port, "/events", ws=False) for _ in range(n_nd)]
+    try:
+        time.sleep(2.0)  # every stalled socket's buffers full, queues cut
+        t = time.monotonic()
+        svc.proc.terminate()
+        code = svc.proc.wait(timeout=60)
+        took = time.monotonic() - t
+        time.sleep(0.2)  # the stderr reader's last line
+        logged = svc.stop_log.get("seconds") if svc.stop_log else None
+        print(
+            f"  rate {rate:g}/s, {n_ws} WS + {n_nd} NDJSON stalled: exit {code} "
+            f"{took:.2f} s after SIGTERM (server.shutdown_timeout 7.0 s); the stop log "
+            f"says {logged} s"
+        )
+    finally:
+        for s in socks:
+            s.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rates", default="5,10000,0", help="synthetic rates, records/s (0: max)")
@@ -275,6 +304,8 @@ def main() -> int:
     print("stall:")
     for rate in (float(r) for r in args.rates.split(",")):
         stall_case(rate, args.ws, args.ndjson, args.seconds)
+    print("sigterm:")
+    sigterm_case(10_000, args.ws, args.ndjson)
     if args.memory_clients:
         print("memory:")
         memory_case(args.memory_clients, 10_000, args.seconds)
