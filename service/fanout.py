@@ -476,40 +476,54 @@ class Hub:
 
     def replay(
         self, sub: Subscriber, limit: int, max_bytes: int | None = None
-    ) -> Iterator[tuple[Gap | None, Batch | None]]:
+    ) -> Iterator[tuple[Gap | None, list[Batch]]]:
         """The next piece of `sub`'s history replay (nothing once it has caught
-        up): at most `limit` records, and about `max_bytes`."""
+        up): at most `limit` records read, and about `max_bytes` to write.
+
+        A piece spans as many history batches as that allows: batches are as
+        small as the consumer's passes (tens of records at a high rate), and
+        a replay one batch per write would fall behind the live stream and
+        then off the end of the history."""
         if sub.replay_until < 0:
             return
-        part, lost = self.history.read(sub.cursor, sub.replay_until, limit)
-        if part is not None and max_bytes is not None and part.nbytes > max_bytes:
-            part = part.slice(0, max(1, _bytes_prefix(part, max_bytes)))
         gap, sub.replay_gap = sub.replay_gap, None
-        if lost and gap is None:
-            gap = Gap("history", sub.cursor)
-        if part is None or part.last >= sub.replay_until:
-            sub.replay_until = -1  # caught up: live records from here
-        if part is None:
-            if gap is not None and sub.gap is None:
+        parts: list[Batch] = []
+        scanned = size = 0
+        while scanned < limit and (max_bytes is None or size < max_bytes):
+            part, lost = self.history.read(sub.cursor, sub.replay_until, limit - scanned)
+            # only the first read can find records gone: nothing is
+            # published (so nothing evicted) while this runs
+            if lost and gap is None and not parts:
+                gap = Gap("history", sub.cursor)
+            if part is None:
+                sub.replay_until = -1  # caught up: live records from here
+                break
+            if max_bytes is not None and size + part.nbytes > max_bytes:
+                part = part.slice(0, max(1, _bytes_prefix(part, max_bytes - size)))
+            scanned += len(part)
+            sub.cursor = part.last
+            if part.last >= sub.replay_until:
+                sub.replay_until = -1
+            if sub.filter is not None:
+                part = sub.filter.apply(part)
+            if part.lines:
+                parts.append(part)
+                size += part.nbytes
+                sub.delivered += len(part)
+            if sub.replay_until < 0:
+                break
+        if gap is not None and not parts:
+            # nothing here passes the filter (or nothing is left): the marker
+            # waits for the record after it, so that it can say where the
+            # stream goes on
+            if sub.replay_until >= 0:
+                sub.replay_gap = gap
+            elif sub.gap is None:
                 sub.gap = gap  # the live queue's first record gives next_id
-            elif gap is not None:
-                yield gap, None
+            else:
+                yield gap, parts
             return
-        sub.cursor = part.last
-        if sub.filter is not None:
-            part = sub.filter.apply(part)
-            if gap is not None and not part.lines:
-                # nothing here passes the filter: the marker waits for the
-                # record after it, so that it can say where the stream goes on
-                if sub.replay_until >= 0:
-                    sub.replay_gap = gap
-                elif sub.gap is None:
-                    sub.gap = gap  # the live queue's first record gives next_id
-                else:
-                    yield gap, None
-                return
-        sub.delivered += len(part)
-        yield gap, part
+        yield gap, parts
 
     def unsubscribe(self, sub: Subscriber, reason: str) -> None:
         sub.close(reason)

@@ -203,11 +203,11 @@ async def pump(
     # a shutdown lets the replay finish: the live queue holds only records
     # after it, and flushing those alone would skip the rest unannounced
     while sub.replay_until >= 0 and sub.closed in (None, "shutdown"):
-        for gap, part in hub.replay(sub, replay_limit, WRITE_BYTES):
+        for gap, parts in hub.replay(sub, replay_limit, WRITE_BYTES):
             if gap is not None:
-                await out.gap(gap.marker(part.first if part else None))
-            if part is not None and part.lines:
-                await out.records([part])  # history: not a delivery latency
+                await out.gap(gap.marker(parts[0].first if parts else None))
+            if parts:
+                await out.records(parts)  # history: not a delivery latency
         await asyncio.sleep(0)  # let the consumer publish between pieces
     while True:
         if sub.closed is not None and sub.closed != "shutdown":

@@ -27,9 +27,11 @@ class Recorder:
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self.out: list[tuple[str, object]] = []
+        self.writes = 0
         self.rng = rng
 
     async def records(self, batches: list[Batch]) -> None:
+        self.writes += 1
         for b in batches:
             self.out += [("r", p) for p in b.positions]
         for _ in range(self.rng.randint(0, 3) if self.rng else 1):
@@ -260,3 +262,17 @@ async def test_the_budget_keeps_the_newest_record_of_a_publish_above_its_level()
     gap, batches = subs[0].take()
     assert gap is not None and gap.dropped == 999
     assert gap.marker(batches[0].first)["next_id"] == 7992
+
+
+async def test_a_replay_piece_spans_many_small_batches() -> None:
+    # at a high rate the consumer's passes are tens of records: a replay one
+    # batch per write fell behind the live stream, then off the history
+    h = hub()
+    for i in range(300):
+        h.publish(batch([8 * i]))
+    sub = h.subscribe("ndjson", "p", None, 0)
+    out = Recorder()
+    h.close_all("shutdown")
+    await pump(h, sub, out, Latency(), heartbeat=5, replay_limit=100)
+    assert out.ids() == list(range(8, 2400, 8))
+    assert out.writes == 3  # 299 records, 100 a piece
