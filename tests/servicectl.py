@@ -191,6 +191,23 @@ def http_get(url: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as {series: value}, the series with its labels."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def run_cli(
     *args: str,
     env: dict[str, str] | None = None,

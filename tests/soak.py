@@ -45,7 +45,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from servicectl import Service, stalled_socket
+from servicectl import Service, parse_metrics, rss_bytes, stalled_socket
 
 CONFIG = """
 [ring]
@@ -206,13 +206,6 @@ async def websocket(http: aiohttp.ClientSession, url: str, c: Client) -> None:
     c.done = True
 
 
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 @dataclass
 class Result:
     clients: dict[str, Client]
@@ -224,15 +217,6 @@ class Result:
     samples: list[tuple[float, int, int]]  # (seconds, RSS bytes, open fds)
     metrics: dict[str, float]
     seconds: float
-
-
-def _metrics(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 async def run(
@@ -290,7 +274,7 @@ async def run(
                     raise AssertionError(f"client {t.get_name()} failed") from t.exception()
             if now >= next_sample:
                 fds = len(os.listdir(f"/proc/{svc.proc.pid}/fd"))
-                samples.append((now, _rss(svc.proc.pid), fds))
+                samples.append((now, rss_bytes(svc.proc.pid), fds))
                 next_sample += sample_every
             if now >= next_kill:
                 latest = {
@@ -316,7 +300,7 @@ async def run(
         running.clear()  # the slow ones catch up before the stop flushes them
         await asyncio.sleep(2)
         async with http.get(base + "/metrics") as resp:
-            metrics = _metrics(await resp.text())
+            metrics = parse_metrics(await resp.text())
         code = await loop.run_in_executor(None, svc.terminate)
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
         for t in tasks:

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from servicectl import BASE_CONFIG, Service, http_get, plugin_source
+from servicectl import BASE_CONFIG, Service, http_get, parse_metrics, plugin_source
 
 import ringcore
 from service.record import pack_header
@@ -36,12 +36,7 @@ BASE = BASE_CONFIG.replace("count = 1\n", "count = 2\n").replace(
 def metrics(svc: Service) -> dict[str, float]:
     status, body = http_get(svc.url("/metrics"))
     assert status == 200
-    out = {}
-    for line in body.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return parse_metrics(body.decode())
 
 
 def post_reload(svc: Service, method: str = "POST") -> tuple[int, dict[str, Any]]:

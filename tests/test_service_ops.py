@@ -17,7 +17,15 @@ import aiohttp
 import orjson
 import pytest
 import rs_testplugin
-from servicectl import BASE_CONFIG, Service, http_get, plugin_source, run_cli, stalled_socket
+from servicectl import (
+    BASE_CONFIG,
+    Service,
+    http_get,
+    plugin_source,
+    rss_bytes,
+    run_cli,
+    stalled_socket,
+)
 
 import ringcore
 
@@ -425,13 +433,6 @@ def test_reserve_failures_are_counted_per_source(tmp_path: Path) -> None:
         assert svc.wait_log("stop")["consumed_records"] == written + 1
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_memory_stays_bounded_with_1000_idle_subscribers(tmp_path: Path) -> None:
     import resource
 
@@ -469,7 +470,7 @@ def test_memory_stays_bounded_with_1000_idle_subscribers(tmp_path: Path) -> None
                 f"curl exit {fast.returncode}: {err!r}; /healthz: {probe!r}"
             ) from e
         ring = _attached_producer(svc)
-        before = _rss_bytes(svc.proc.pid)
+        before = rss_bytes(svc.proc.pid)
         # 200,000 records, ~36 MB of JSON, to each of 1,000 clients that read
         # nothing: unbounded queues would need ~36 GB
         for first in range(0, 200_000, 10_000):
@@ -489,7 +490,7 @@ def test_memory_stays_bounded_with_1000_idle_subscribers(tmp_path: Path) -> None
         guard.cancel()
         fast.kill()
         assert newest, "the reading client never got the newest record"
-        grown = _rss_bytes(svc.proc.pid) - before
+        grown = rss_bytes(svc.proc.pid) - before
         dropped = metric(svc, 'ringstream_subscriber_dropped_records_total{transport="ndjson"}')
         assert dropped > 0
         assert metric(svc, 'ringstream_subscribers{transport="ndjson"}') == 1001

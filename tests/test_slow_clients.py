@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import aiohttp
 import orjson
 import pytest
-from servicectl import Service, stalled_socket
+from servicectl import Service, parse_metrics, stalled_socket
 
 STALLED = 200
 # the defaults but a 4 MiB ring in memfd, one worker and a quick heartbeat
@@ -38,13 +38,7 @@ def metrics(svc: Service) -> dict[str, float]:
     import urllib.request
 
     with urllib.request.urlopen(svc.url("/metrics"), timeout=30) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+        return parse_metrics(r.read().decode())
 
 
 @pytest.fixture(scope="module")
