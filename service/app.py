@@ -57,14 +57,20 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
+def _sized_ring(size: int, **kw: Any) -> ringcore.Ring:
+    """A ring of ring.size; a size the ring refuses is a config error naming it."""
+    try:
+        return ringcore.Ring(size, **kw)
+    except ValueError as e:
+        raise ConfigError(f"ring.size: {e}") from None
+
+
 def create_ring(cfg: Config) -> ringcore.Ring:
     size = cfg["ring"]["size"]
     shm_dir = cfg["ring"]["shm_dir"]
     where = None if shm_dir == "memfd" else shm_dir
     try:
-        return ringcore.Ring(size, abandon_timeout=cfg["ring"]["abandon_timeout"], shm_dir=where)
-    except ValueError as e:
-        raise ConfigError(f"ring.size: {e}") from None
+        return _sized_ring(size, abandon_timeout=cfg["ring"]["abandon_timeout"], shm_dir=where)
     except OSError as e:
         if where is None:
             raise StartupError(f"cannot create the ring: {e}") from None
@@ -147,10 +153,7 @@ def check(cfg: Config) -> Plan:
     """Every check of `cfg` that needs no running service: the plan and the
     ring's size (a ring never written costs no memory: made and closed)."""
     p = plan(cfg)
-    try:
-        ringcore.Ring(cfg["ring"]["size"], shm_dir=None).close()
-    except ValueError as e:
-        raise ConfigError(f"ring.size: {e}") from None
+    _sized_ring(cfg["ring"]["size"], shm_dir=None).close()
     return p
 
 

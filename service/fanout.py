@@ -434,30 +434,26 @@ class Hub:
             self.policy,
         )
         sub.last_id = self.history.last
+        whole: Gap | None = None  # a gap after which all there is is replayed
         if after is not None and after_epoch is not None:
             # positions started again at 0: whatever the old id, the client
             # has none of this run's records
-            gap = Gap("restart", after, after_epoch=after_epoch)
-            if self.history.last < 0:
-                sub.gap = gap
+            whole = Gap("restart", after, after_epoch=after_epoch)
+        elif after is not None and after > self.history.last:
+            # an id from before a restart (positions start again at 0), or
+            # made up: say so
+            whole = Gap("unknown_id", after)
+        if whole is not None:
+            if self.history.last < 0:  # nothing to replay: before the first record
+                sub.gap = whole
             else:
-                sub.replay_gap = gap
+                sub.replay_gap = whole
                 sub.cursor = -1
                 sub.replay_until = self.history.last
             sub.wake.set()
         elif after is not None and after < self.history.last:
             sub.cursor = after
             sub.replay_until = self.history.last
-            sub.wake.set()
-        elif after is not None and after > self.history.last:
-            # an id from before a restart (positions start again at 0), or
-            # made up: say so, and replay all there is
-            if self.history.last < 0:  # nothing to replay: before the first record
-                sub.gap = Gap("unknown_id", after)
-            else:
-                sub.replay_gap = Gap("unknown_id", after)
-                sub.cursor = -1
-                sub.replay_until = self.history.last
             sub.wake.set()
         self.subscribers[sub.id] = sub
         log.info(
