@@ -39,6 +39,7 @@ import os
 import random
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,8 @@ class Client:
     per_worker: list[int] = field(default_factory=lambda: [0, 0])
     errors: int = 0  # records of level error
     markers: list[dict[str, Any]] = field(default_factory=list)
+    marker_at: list[float] = field(default_factory=list)  # seconds into the run
+    t0: float = field(default_factory=time.monotonic)
     unannounced: list[tuple[int, int, int]] = field(default_factory=list)  # (worker, prev, seq)
     out_of_order: int = 0
     sessions: int = 0
@@ -130,6 +133,7 @@ class Client:
 
     def _gap(self, marker: dict[str, Any]) -> None:
         self.markers.append(marker)
+        self.marker_at.append(time.monotonic() - self.t0)
         self._excused = {0, 1}
 
     def dropped(self) -> int | None:
@@ -215,6 +219,8 @@ class Result:
     kills: int
     reloads: int
     samples: list[tuple[float, int, int]]  # (seconds, RSS bytes, open fds)
+    stalls: list[float]  # the service's loop_stall warnings (seconds each)
+    cpu: tuple[float, float]  # CPU seconds: the service's main process, this client process
     metrics: dict[str, float]
     seconds: float
 
@@ -265,6 +271,8 @@ async def run(
             socks.append(stalled_socket(svc.port, "/ws" if i % 2 else "/events", ws=bool(i % 2)))
         loop = asyncio.get_running_loop()
         start = loop.time()
+        for c in clients.values():
+            c.t0 = time.monotonic()
         kills = reloads = 0
         samples: list[tuple[float, int, int]] = []
         next_kill, next_reload, next_sample = kill_every, reload_every, 0.0
@@ -301,6 +309,7 @@ async def run(
         await asyncio.sleep(2)
         async with http.get(base + "/metrics") as resp:
             metrics = parse_metrics(await resp.text())
+        cpu = (_cpu_seconds(svc.proc.pid), sum(os.times()[:2]))
         code = await loop.run_in_executor(None, svc.terminate)
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
         for t in tasks:
@@ -316,6 +325,8 @@ async def run(
             kills,
             reloaded,
             samples,
+            [e["seconds"] for e in svc.logs if e.get("event") == "loop_stall"],
+            cpu,
             metrics,
             elapsed,
         )
@@ -327,6 +338,11 @@ async def run(
         for s in socks:
             s.close()
         svc.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def check(r: Result) -> list[str]:
@@ -402,6 +418,21 @@ def report(r: Result) -> str:
             f"{len(c.unannounced)} unannounced jumps"
             + (f"; markers by reason {dict(reasons)}" if (reasons := _reasons(c)) else "")
         )
+    for c in r.clients.values():
+        if c.markers and not c.name.startswith("slow"):
+            by_minute: dict[int, int] = {}
+            for t in c.marker_at:
+                by_minute[int(t // 60)] = by_minute.get(int(t // 60), 0) + 1
+            lines.append(f"  {c.name} markers by minute of the run: {by_minute}")
+    lag = r.metrics.get("ringstream_event_loop_lag_max_seconds")
+    lines.append(
+        f"  service loop: longest stall {lag if lag is None else f'{lag * 1000:.0f} ms'}, "
+        f"{len(r.stalls)} stalls over 1 s" + (f" (longest {max(r.stalls)} s)" if r.stalls else "")
+    )
+    lines.append(
+        f"  CPU: the service's main process {r.cpu[0] / r.seconds:.0%} of a core, "
+        f"the clients' process {r.cpu[1] / r.seconds:.0%}"
+    )
     if r.samples:
         warm = [s for s in r.samples if s[0] >= min(120, r.seconds / 3)] or r.samples
         rss = [s[1] for s in warm]
