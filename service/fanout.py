@@ -136,6 +136,10 @@ class Subscriber:
         self.replay_gap: Gap | None = None
         self.dropped = 0
         self.delivered = 0
+        # the first position it has not got (taken or announced dropped), when
+        # its queue holds something: how far behind it is, in ring bytes, for
+        # any filter; a drop leaves it where it was (see Hub._keep_budget)
+        self.behind: int | None = None
         self.closed: str | None = None  # disconnect reason, once closed
         self.wake = asyncio.Event()
         # the task writing to this subscriber: cancelled when the policy
@@ -155,6 +159,8 @@ class Subscriber:
             batch = self.filter.apply(batch)
             if not batch.lines:
                 return 0
+        if self.behind is None:
+            self.behind = batch.first
         self.queue.append(batch)
         self.records += len(batch.lines)
         self.bytes += batch.nbytes
@@ -279,6 +285,7 @@ class Subscriber:
         if not queue:
             self.records = self.bytes = 0
             self.wake.clear()
+        self.behind = queue[0].first if queue else None
         if batches:
             self.last_id = max(self.last_id, batches[-1].last)
             self.delivered += sum(map(len, batches))
@@ -288,17 +295,6 @@ class Subscriber:
         if self.closed is None:
             self.closed = reason
             self.wake.set()
-
-
-def _water_level(sizes: list[int], budget: int) -> int:
-    """The largest level L with sum(min(size, L)) <= budget; `sizes` descending."""
-    rest = sum(sizes)
-    for k, size in enumerate(sizes, 1):
-        rest -= size  # the queues below the k biggest keep all they hold
-        following = sizes[k] if k < len(sizes) else 0
-        if rest + k * following <= budget:
-            return max(following, (budget - rest) // k)
-    return 0
 
 
 def _bytes_prefix(batch: Batch, nbytes: int) -> int:
@@ -362,15 +358,22 @@ class Hub:
         """Bring the queues back within the budget, the biggest laggards first.
 
         Queued batches are shared between subscribers, so this counts each
-        queue as if it were its own: an upper bound on what they hold. The
-        biggest queues are cut down to one common level (water-filling), so
-        a subscriber that keeps up loses records to laggards only when a
-        single publish outgrows that level.
+        queue as if it were its own: an upper bound on what they hold.
+
+        The biggest laggard is the one furthest behind (`behind`, the first
+        position it has not got), not the one with the biggest queue: a
+        client that reads nothing has its queue held at its own bound by
+        drop-oldest, and right after a cut it is small, while a client that
+        keeps up but paused for half a second can hold more. Cut by size, the
+        two take turns losing records; cut by how far behind, the one that
+        reads nothing stays first in line (a cut does not move `behind`),
+        and a subscriber that keeps up loses records to the budget only when
+        all that lag further are cut already. Each is cut to its newest
+        record, so that one cut pays for many publishes.
         """
         subs = sorted(
             (s for s in self.subscribers.values() if s.closed is None and s.bytes),
-            key=lambda s: s.bytes,
-            reverse=True,
+            key=lambda s: s.queue[0].first if s.behind is None else s.behind,
         )
         if self.policy == "disconnect":
             for sub in subs:
@@ -380,17 +383,16 @@ class Hub:
                 sub.close("slow")
                 self._slow(sub, budget=True)
             return total
-        # down to 3/4 of the budget, not to it: cutting every queue costs a
-        # pass over the subscribers, and this way one pays for many publishes
-        level = _water_level([s.bytes for s in subs], self.budget_bytes * 3 // 4)
+        # down to 3/4 of the budget, not to it: this way one pass over the
+        # subscribers pays for many publishes
         tails: dict[int, Batch] = {}
         for sub in subs:
-            if sub.bytes <= level:
+            if total <= self.budget_bytes * 3 // 4:
                 break
             before = sub.bytes
-            # whole batches: a level below one batch would otherwise copy
-            # the rest of that batch for every subscriber cut
-            dropped = sub.drop_oldest(sub.max_records, level, tails=tails)
+            # whole batches, and of the newest its last record (shared through
+            # tails): a partial cut would copy a batch for every subscriber cut
+            dropped = sub.drop_oldest(0, 0, tails=tails)
             total -= before - sub.bytes
             self.dropped[sub.transport] += dropped
             self.budget_dropped += dropped
