@@ -35,6 +35,7 @@ SOURCES = [
     "ringcore/src/kernel.c",
     "ringcore/src/pykernelring.c",
     "ringcore/src/encode.c",
+    "ringcore/src/json.c",
     "ringcore/src/pyencoder.c",
 ]
 

@@ -134,6 +134,16 @@ def _rebuild(mem_df: object, event_df: object) -> Ring:
         os.close(event_fd)
 
 
+def __getattr__(name: str) -> object:
+    # ringcore.aio and ringcore.logging load on first use: most processes
+    # that import ringcore (workers, producers) need neither asyncio nor logging
+    if name in ("aio", "frames", "logging"):
+        import importlib
+
+        return importlib.import_module(f"ringcore.{name}")
+    raise AttributeError(f"module 'ringcore' has no attribute {name!r}")
+
+
 def _after_fork_in_child() -> None:
     for ring in list(_live_rings):
         ring._after_fork_child()

@@ -1,12 +1,19 @@
 """Feed records from stdin into a ring served by name.
 
-    python -m ringcore.produce PATH [--format lines|length-prefixed] [--drop]
+    python -m ringcore.produce PATH [--format json|text|lines|length-prefixed]
+                                    [--type NAME] [--drop]
 
 ``PATH`` is the socket a keeper serves the ring at (:func:`ringcore.serve`).
-``--format lines`` (the default): one record per line, the newline stripped
-(a last line without a newline is a record too; an empty line is an empty
-record). ``--format length-prefixed``: a 4-byte little-endian length, then
-that many payload bytes, repeated.
+``--format json``: one JSON object per line (JSON Lines; blank lines are
+skipped), delivered as the object itself with its own "type", else NAME,
+else "json"; a line that is not a JSON object arrives raw with the reason
+(ringcore/frames.py). ``--format text``: each line one
+``{"type": NAME or "text", "line": ...}`` record (a CR before the newline is
+dropped). ``--format lines`` (the default): one opaque record per line, the
+newline stripped (a last line without a newline is a record too; an empty
+line is an empty record), delivered raw, base64. ``--format
+length-prefixed``: opaque records, each a 4-byte little-endian length, then
+that many payload bytes.
 
 When the ring is full the record is retried after a short backoff (50 us,
 doubling up to 5 ms) until it goes in: nothing is dropped unless ``--drop``
@@ -31,6 +38,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 import ringcore
+from ringcore import frames
 from ringcore.attach import attach
 
 PROG = "ringcore.produce"
@@ -201,10 +209,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("path", metavar="PATH", help="socket the ring is served at (ringcore.serve)")
     p.add_argument(
         "--format",
-        choices=("lines", "length-prefixed"),
+        choices=("json", "text", "lines", "length-prefixed"),
         default="lines",
-        help="lines: one record per line, newline stripped (default); length-prefixed: "
-        "4-byte little-endian length, then the payload",
+        help="json: one JSON object per line, delivered as the object; text: each line a "
+        '{"type":"text","line":...} record; lines: one opaque record per line, newline '
+        "stripped (default); length-prefixed: 4-byte little-endian length, then the payload",
+    )
+    p.add_argument(
+        "--type",
+        metavar="NAME",
+        default="",
+        help='the records\' type with --format json (when an object has no "type" string '
+        'of its own; default "json") or text (default "text")',
     )
     p.add_argument(
         "--drop",
@@ -214,7 +230,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--timeout", type=float, default=5.0, help="seconds to wait for the attach server"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.type and args.format not in ("json", "text"):
+        p.error(f"--type applies to --format json and text, not {args.format}")
+    if len(args.type.encode()) > frames.MAX_NAME:
+        p.error(f"--type: longer than {frames.MAX_NAME} bytes")
+    return args
+
+
+def framed(batches: Iterator[list[bytes]], fmt: str, type_name: str) -> Iterator[list[bytes]]:
+    """JSON or text records of the lines (ringcore/frames.py), stamped when read."""
+    type_id = frames.JSON_TYPE if fmt == "json" else frames.TEXT_TYPE
+    for lines in batches:
+        pre = frames.prefix(type_id, type_name)
+        if fmt == "json":
+            yield [pre + line for line in lines if line.strip()]
+        else:
+            yield [pre + (line[:-1] if line.endswith(b"\r") else line) for line in lines]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,11 +262,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     producer = Producer(ring, drop=args.drop)
-    reader = read_lines if args.format == "lines" else read_length_prefixed
-    what = "line" if args.format == "lines" else "record"
+    reader = read_length_prefixed if args.format == "length-prefixed" else read_lines
+    what = "record" if args.format == "length-prefixed" else "line"
+    batches = reader(sys.stdin.buffer, producer.max_size)
+    if args.format in ("json", "text"):
+        batches = framed(batches, args.format, args.type)
     status = 0
     try:
-        for batch in reader(sys.stdin.buffer, producer.max_size):
+        for batch in batches:
             producer.put(batch, what)
     except InputError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

@@ -36,6 +36,7 @@ from service.endpoints import State, make_app
 from service.fanout import Hub
 from service.filters import FilterSchema
 from service.guard import ConnectionGuard, GuardedRunner, Rejections, install_log_filter
+from service.ingest import Ingest
 from service.kernel import KernelSourceError, KernelSources
 from service.loopmon import LoopMonitor
 from service.metrics import Latency, ServiceCollector
@@ -333,6 +334,9 @@ class Service:
         self.registry.register(rejections)
         self.registry.register(self.guard)
         app = make_app(self.state, [self.guard.middleware, self.origins.middleware])
+        self.ingest = Ingest(self.ring, self.cfg["ingest"], lambda: self.state.phase == "ready")
+        self.registry.register(self.ingest)
+        app.router.add_post("/ingest", self.ingest.handle)
         app.on_response_prepare.append(add_cors_headers)
         runner = GuardedRunner(
             app,
@@ -396,11 +400,12 @@ class Service:
             self.hub,
             self.supervisor,
             self.encoder,
-            self.supervisor.source_of,
+            # this process writes into the ring only for POST /ingest
+            lambda pid: "ingest" if pid == os.getpid() else self.supervisor.source_of(pid),
             lambda: self.state.phase == "ready",
         )
         # a series per source from the start, so the first refusals show in rate()
-        for kind in {*(s.kind for s in self.specs), "external"}:
+        for kind in {*(s.kind for s in self.specs), "external", "ingest"}:
             collector.slots.failures[kind] += 0
         self.registry.register(collector)
         loop = asyncio.get_running_loop()

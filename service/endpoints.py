@@ -40,6 +40,7 @@ LANDING = """ringstream: records from a shared-memory ring, streamed in order.
   GET /query     the ring's positions and counters as JSON
   GET /healthz   liveness      GET /readyz   readiness (503 while starting or draining)
   GET /metrics   Prometheus metrics
+  POST /ingest   JSON records into the ring (NDJSON, or a JSON array), if ingest.enabled
   POST /-/reload read the configuration again and apply it (as SIGHUP does)
 """
 

@@ -1,25 +1,36 @@
 """Subscriber filters: ?type=exec,exit  ?field.comm=bash  ?field.filename=/usr/*  ?sample=10.
 
-All conditions must hold. `type` takes schema names (and "raw"); a
-`field.NAME` value ending in `*` matches as a prefix, otherwise exactly
-(numbers compare by their JSON text: field.pid=42); `sample=N` passes every
-Nth record that matched the rest. Gap records (a source's marker where it
-lost events) pass every filter. A filter keeps per-subscriber state (the
-sample counter), so each subscriber gets its own.
+All conditions must hold. `type` takes schema names, "raw", and the types
+JSON and text records bring themselves (ringcore/frames.py: any name of
+letters, digits and _ . : / -, since such a type is known only once its
+first record comes); a `field.NAME` value ending in `*` matches as a prefix,
+otherwise exactly (numbers compare by their JSON text: field.pid=42), and a
+dotted NAME reaches into nested objects (field.user.id=7) when the record has
+no member of that whole name; `sample=N` passes every Nth record that
+matched the rest. Gap records (a source's marker where it lost events) pass
+every filter. A filter keeps per-subscriber state (the sample counter), so
+each subscriber gets its own.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
+from ringcore.frames import BUILTIN_TYPES, MAX_NAME
 from service.batch import Batch
 from service.sources.gap import GAP_TYPE
 
 # the keys every record has, besides its schema's fields
 ENVELOPE_FIELDS = frozenset({"id", "ts_ns", "type", "type_id", "raw", "error", "_extra"})
+
+# a type name a filter can name beyond the schemas' (those of JSON and text records)
+OPEN_TYPE_NAME = re.compile(r"[A-Za-z0-9_.:/-]+")
 
 U64_MAX = (1 << 64) - 1  # the largest record id, and the largest sample
 I64_MIN = -(1 << 63)  # with U64_MAX, the integers a record field (and orjson) can hold
@@ -45,16 +56,36 @@ class FilterError(ValueError):
     """A filter that cannot be applied; the message names the parameter."""
 
 
+def load(line: bytes) -> Any:
+    """A record's JSON. orjson refuses what JSON records may hold and the
+    stdlib reads: integers past 64 bits, lone surrogate escapes."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return json.loads(line)
+
+
 @dataclass
 class Filter:
-    type_ids: frozenset[int] | None = None
+    type_ids: frozenset[int] | None = None  # None: no type condition
     fields: tuple[tuple[str, str, bool], ...] = ()  # (name, value, is_prefix)
     sample: int = 1
     spec: dict[str, object] = field(default_factory=dict)  # as given, for echoing back
+    type_names: frozenset[str] = frozenset()  # of JSON and text records
     _seen: int = 0
+    _named: dict[int, bool] = field(default_factory=dict)
+
+    def _named_type(self, type_id: int, line: bytes) -> bool:
+        """Whether records of a schema's type_id carry a name of type_names:
+        a schema added by a reload after this filter was made (read once per
+        type id from its first record)."""
+        hit = self._named.get(type_id)
+        if hit is None:
+            hit = self._named[type_id] = load(line).get("type") in self.type_names
+        return hit
 
     def apply(self, batch: Batch) -> Batch:
-        tids, fields, sample = self.type_ids, self.fields, self.sample
+        tids, names, fields, sample = self.type_ids, self.type_names, self.fields, self.sample
         types, lines = batch.types, batch.lines
         keep: list[int] = []
         for i in range(len(lines)):
@@ -62,9 +93,18 @@ class Filter:
                 # a source's loss marker: every subscriber must learn of it
                 keep.append(i)
                 continue
+            obj = None
             if tids is not None and types[i] not in tids:
-                continue
-            if fields and not _fields_match(orjson.loads(lines[i]), fields):
+                if not names:
+                    continue
+                if types[i] in BUILTIN_TYPES:
+                    # a JSON or text record's type is in its JSON only
+                    obj = load(lines[i])
+                    if obj["type"] not in names:
+                        continue
+                elif not self._named_type(types[i], lines[i]):
+                    continue
+            if fields and not _fields_match(load(lines[i]) if obj is None else obj, fields):
                 continue
             if sample > 1:
                 self._seen += 1
@@ -77,12 +117,22 @@ class Filter:
 def _fields_match(obj: dict[str, object], fields: tuple[tuple[str, str, bool], ...]) -> bool:
     for name, want, prefix in fields:
         value = obj.get(name)
+        if value is None and "." in name:
+            value = _nested(obj, name)
         if value is None:
             return False
         text = value if isinstance(value, str) else orjson.dumps(value).decode()
         if not (text.startswith(want) if prefix else text == want):
             return False
     return True
+
+
+def _nested(obj: object, name: str) -> object:
+    for part in name.split("."):
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(part)
+    return obj
 
 
 class FilterSchema:
@@ -95,25 +145,34 @@ class FilterSchema:
     def parse(self, items: Iterable[tuple[str, object]]) -> Filter | None:
         """A Filter from (parameter, value) pairs, or None when there is no condition."""
         type_ids: set[int] | None = None
+        type_names: set[str] = set()
         fields: list[tuple[str, str, bool]] = []
         sample = 1
         spec: dict[str, object] = {}
         for key, value in items:
             if key == "type":
                 names = _names(value, key)
-                unknown = [n for n in names if n not in self.types]
-                if unknown:
-                    raise FilterError(
-                        f"type: unknown record type {unknown[0]!r} "
-                        f"(known: {', '.join(sorted(self.types))})"
-                    )
-                type_ids = (type_ids or set()) | {self.types[n] for n in names}
+                for n in names:
+                    if n not in self.types and not (
+                        OPEN_TYPE_NAME.fullmatch(n) and len(n) <= MAX_NAME
+                    ):
+                        raise FilterError(
+                            f"type: {n!r} is no schema's type ({', '.join(sorted(self.types))}) "
+                            "and cannot be a JSON or text record's type name (up to "
+                            f"{MAX_NAME} letters, digits and _ . : / -)"
+                        )
+                type_ids = (type_ids or set()) | {self.types[n] for n in names if n in self.types}
+                type_names |= {n for n in names if n not in self.types}
                 spec.setdefault("type", [])
                 spec["type"] += names  # type: ignore[operator]
             elif key.startswith("field."):
                 name = key[len("field.") :]
-                if name not in self.fields:
-                    raise FilterError(f"{key}: no record type has a field {name!r}")
+                if name not in self.fields and not all(name.split(".")):
+                    # open: JSON records bring fields no schema names
+                    raise FilterError(
+                        f"{key}: a field name (dotted for nested members: field.user.id), "
+                        f"got {name!r}"
+                    )
                 if (
                     not isinstance(value, str | int)
                     or isinstance(value, bool)
@@ -135,7 +194,11 @@ class FilterSchema:
         if type_ids is None and not fields and sample == 1:
             return None
         return Filter(
-            None if type_ids is None else frozenset(type_ids), tuple(fields), sample, spec
+            None if type_ids is None else frozenset(type_ids),
+            tuple(fields),
+            sample,
+            spec,
+            frozenset(type_names),
         )
 
     def parse_json(self, value: object) -> Filter | None:

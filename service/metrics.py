@@ -216,7 +216,9 @@ class ServiceCollector(Collector):
             labels=["result"],
         )
         decoded.add_metric(["schema"], stats["decoded"])
-        for reason in ("short", "unframed", "unknown_type"):
+        decoded.add_metric(["json"], stats["json"])
+        decoded.add_metric(["text"], stats["text"])
+        for reason in ("short", "unframed", "unknown_type", "invalid_json"):
             decoded.add_metric([f"raw_{reason}"], stats[reason])
         yield decoded
         subs = GaugeMetricFamily(

@@ -18,11 +18,10 @@ consumer took it; a framed record of an unknown type is delivered raw too.
 
 from __future__ import annotations
 
-import struct
 import time
 
-MAGIC = b"RS"
-HEADER = struct.Struct("<2sHIQ")
+from ringcore.frames import HEADER, MAGIC
+
 HEADER_SIZE = HEADER.size  # 16
 RAW_TYPE = 0  # type id reported for records delivered raw; never a schema's
 

@@ -68,6 +68,9 @@ LIVE_KEYS = frozenset(
         "subscribers.ws_compress",
         "subscribers.memory_budget",
         "subscribers.send_buffer",
+        "ingest.enabled",
+        "ingest.max_body",
+        "ingest.type",
         "log.format",
         "log.level",
         "schemas.files",
@@ -372,6 +375,7 @@ class Reloader:
         # the connection limits apply to connections accepted from now on
         svc.guard.configure(p.cfg["server"])
         svc.origins.configure(p.cfg["server"])
+        svc.ingest.settings = p.cfg["ingest"]
         _apply_consumer(svc, p.cfg["consumer"])
         _apply_workers(svc, p.cfg["workers"])
         if p.schemas_changed:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import json
 import math
 import re
 import struct
@@ -40,6 +41,7 @@ from typing import Any
 import orjson
 
 import ringcore
+from ringcore.frames import BUILTIN_TYPES, TEXT_TYPE
 from service.record import HEADER_SIZE, parse_header
 
 # kind -> (struct code, size); char/bytes/pad take their size from the schema
@@ -62,6 +64,7 @@ ENCODINGS = ("hex", "base64")
 
 # Keys of the JSON envelope (and of raw records): a field of the same name
 # would be shadowed by, or shadow, the envelope's key.
+JSON_MAX_DEPTH = 128  # encode.h's ENC_JSON_MAX_DEPTH
 RESERVED_NAMES = ("id", "ts_ns", "type", "type_id", "error", "raw", "_extra")
 RAW_NAME = "raw"  # the "type" of records delivered raw
 # as ringcore's RC_MAX_RECORD_SZ: a record longer than this cannot exist
@@ -267,14 +270,19 @@ def _parse_schema(raw: object, where: str) -> Schema:
         raise SchemaError(f"{where}: expected a table {{ type, name, fields }}, got {raw!r}")
     _check_keys(raw, _SCHEMA_KEYS, where)
     if "type" not in raw:
-        raise SchemaError(f"{where}.type: missing: every schema needs a type id (1..65535)")
+        raise SchemaError(f"{where}.type: missing: every schema needs a type id (1..65533)")
     type_id = raw["type"]
     if not _is_int(type_id):
-        raise SchemaError(f"{where}.type: expected an integer 1..65535, got {type_id!r}")
+        raise SchemaError(f"{where}.type: expected an integer 1..65533, got {type_id!r}")
     if type_id == 0:
         raise SchemaError(f"{where}.type: 0 is reserved (records delivered raw)")
     if not 0 < type_id <= 0xFFFF:
-        raise SchemaError(f"{where}.type: {type_id} is out of range (1..65535: the header's u16)")
+        raise SchemaError(f"{where}.type: {type_id} is out of range (1..65533: the header's u16)")
+    if type_id in BUILTIN_TYPES:
+        raise SchemaError(
+            f"{where}.type: {type_id} is taken by the built-in "
+            f"{'text' if type_id == TEXT_TYPE else 'JSON'} records (schemas use 1..65533)"
+        )
     name = _name(raw, where, "schema")
     if name == RAW_NAME:
         raise SchemaError(f"{where}.name: {name!r} is reserved (records delivered raw)")
@@ -382,6 +390,8 @@ def decode_record(schemas: dict[int, Schema], pos: int, data: bytes, now_ns: int
         return {"id": pos, "ts_ns": now_ns, "type": RAW_NAME, "error": UNFRAMED, "raw": _b64(data)}
     type_id, ts_ns = head
     schema = schemas.get(type_id)
+    if schema is None and type_id in BUILTIN_TYPES:
+        return _decode_builtin(pos, data, ts_ns, now_ns, type_id)
     if schema is None:
         return {
             "id": pos,
@@ -406,6 +416,69 @@ def decode_record(schemas: dict[int, Schema], pos: int, data: bytes, now_ns: int
     if len(data) > schema.size:
         rec["_extra"] = _b64(data[schema.size :])
     return rec
+
+
+def _raw(pos: int, data: bytes, now_ns: int, type_id: int, error: str) -> dict[str, Any]:
+    return {
+        "id": pos,
+        "ts_ns": now_ns,
+        "type": RAW_NAME,
+        "type_id": type_id,
+        "error": error,
+        "raw": _b64(data),
+    }
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: object, depth: int = 1) -> int:
+    if isinstance(value, dict):
+        return max((_depth(v, depth + 1) for v in value.values()), default=depth)
+    if isinstance(value, list):
+        return max((_depth(v, depth + 1) for v in value), default=depth)
+    return depth - 1
+
+
+def _decode_builtin(pos: int, data: bytes, ts_ns: int, now_ns: int, type_id: int) -> dict[str, Any]:
+    """ringcore/frames.py's text and JSON records (encode.c's put_builtin).
+    The error texts of invalid JSON are Python's, not the C encoder's: both
+    start with "invalid JSON"."""
+    if len(data) < HEADER_SIZE + 1 or len(data) < HEADER_SIZE + 1 + data[HEADER_SIZE]:
+        return _raw(pos, data, now_ns, type_id, "short record: its type name runs past the end")
+    n = data[HEADER_SIZE]
+    name = data[HEADER_SIZE + 1 : HEADER_SIZE + 1 + n].decode("utf-8", "replace")
+    body = data[HEADER_SIZE + 1 + n :]
+    if type_id == TEXT_TYPE:
+        line = body.decode("utf-8", "replace")
+        return {"id": pos, "ts_ns": ts_ns, "type": name or "text", "line": line}
+    try:
+        obj = json.loads(body.decode(), parse_constant=_no_constant, object_pairs_hook=_Obj)
+        if not isinstance(obj, _Obj):
+            raise ValueError("not an object")
+        if _depth(obj) > JSON_MAX_DEPTH:
+            raise ValueError(f"nested deeper than {JSON_MAX_DEPTH} levels")
+    except (ValueError, RecursionError) as e:
+        return _raw(pos, data, now_ns, type_id, f"invalid JSON: {e}")
+    rec: dict[str, Any] = {"id": pos, "ts_ns": ts_ns, "type": name or "json"}
+    # member by member, duplicates included, as encode.c reads them
+    for key, value in obj.pairs:
+        if key == "type" and isinstance(value, str):
+            rec["type"] = value
+        elif key in ("id", "ts_ns", "type"):
+            rec["_" + key] = value
+        else:
+            rec[key] = value
+    return rec
+
+
+class _Obj(dict[str, Any]):
+    """A JSON object that keeps its members as given (json's object_pairs_hook)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.pairs = pairs
 
 
 def encode_record(schemas: dict[int, Schema], pos: int, data: bytes, now_ns: int) -> bytes:

@@ -120,6 +120,19 @@ def _origins(value: object, key: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _type_name(value: object, key: str) -> str:
+    from ringcore.frames import MAX_NAME
+    from service.filters import OPEN_TYPE_NAME
+
+    if not isinstance(value, str) or (
+        value and not (OPEN_TYPE_NAME.fullmatch(value) and len(value) <= MAX_NAME)
+    ):
+        raise _fail(
+            key, f"must be a type name (up to {MAX_NAME} letters, digits, _ . : / -)", value
+        )
+    return value
+
+
 # section -> key -> checker; the keys of config/default.toml, all of them
 SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "server": {
@@ -161,6 +174,11 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
         "ws_compress": _bool,
         "memory_budget": parse_size,
         "send_buffer": parse_size,
+    },
+    "ingest": {
+        "enabled": _bool,
+        "max_body": parse_size,
+        "type": _type_name,
     },
     "log": {
         "format": _choice("json", "plain"),

@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import setproctitle
+
 import ringcore
 from service.settings import ConfigError, parse_size
 
@@ -379,6 +381,8 @@ def _die_with_parent() -> None:
 
 def worker_main(ring: ringcore.Ring, spec: WorkerSpec) -> None:
     """Entry point of a worker process: run the source until SIGTERM."""
+    # as `ps` and `top` show it, instead of `python -c from multiprocessing.spawn ...`
+    setproctitle.setproctitle(f"ringstream: worker {spec.kind}-{spec.instance}")
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO,

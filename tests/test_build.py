@@ -1,4 +1,4 @@
-"""The C core builds warning-free; the stress, model and encoder tests pass under ASan + UBSan.
+"""The C core builds warning-free; stress, model, encoder, JSON tests pass under ASan + UBSan.
 
 The sanitizer test builds an instrumented copy of the extension into a temporary
 directory and runs tests/test_stress.py and tests/test_model.py against it in a
@@ -198,7 +198,7 @@ def test_stress_under_asan_ubsan(tmp_path):
     (tmp_path / "ringcore_build_guard.py").write_text(GUARD_PLUGIN)
     tests = [
         str(ROOT / "tests" / name)
-        for name in ("test_stress.py", "test_model.py", "test_encoder.py")
+        for name in ("test_stress.py", "test_model.py", "test_encoder.py", "test_json_records.py")
     ]
     cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider"]
     cmd += ["-p", "ringcore_build_guard", *tests]

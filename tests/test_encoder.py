@@ -84,7 +84,7 @@ def field_defs(draw: st.DrawFn, name: str) -> dict[str, object]:
 def schema_sets(draw: st.DrawFn) -> list[S.Schema]:
     n = draw(st.integers(1, 3))
     type_ids = draw(
-        st.lists(st.integers(1, 4) | st.integers(1, 0xFFFF), min_size=n, max_size=n, unique=True)
+        st.lists(st.integers(1, 4) | st.integers(1, 0xFFFD), min_size=n, max_size=n, unique=True)
     )
     snames = draw(st.lists(names.filter(lambda x: x != "raw"), min_size=n, max_size=n, unique=True))
     entries = []
@@ -168,7 +168,7 @@ def records(draw: st.DrawFn, schemas: list[S.Schema]) -> bytes:
     type_id, magic, reserved = s.type_id, MAGIC, 0
     if how == "unknown":
         known = {x.type_id for x in schemas}
-        type_id = draw(st.integers(1, 0xFFFF).filter(lambda t: t not in known))
+        type_id = draw(st.integers(1, 0xFFFD).filter(lambda t: t not in known))
     elif how == "zero":
         type_id = 0
     elif how == "magic":
@@ -333,7 +333,15 @@ def test_builtin_schemas_records():
 def test_stats_count_by_reason():
     schemas = S.builtin_schemas()
     enc = S.compile_encoder(schemas)
-    assert enc.stats() == {"encoded": 0, "decoded": 0, "unframed": 0, "unknown_type": 0, "short": 0}
+    zero = {"json": 0, "text": 0, "invalid_json": 0}
+    assert enc.stats() == {
+        "encoded": 0,
+        "decoded": 0,
+        "unframed": 0,
+        "unknown_type": 0,
+        "short": 0,
+        **zero,
+    }
     recs = [
         pack_header(2) + bytes(64),  # exit: decoded
         pack_header(2) + bytes(65),  # decoded, with _extra
@@ -344,7 +352,14 @@ def test_stats_count_by_reason():
     ]
     enc.encode_many(list(enumerate(recs)), 0)
     enc.encode(0, recs[0], 0)
-    assert enc.stats() == {"encoded": 7, "decoded": 3, "unframed": 2, "unknown_type": 1, "short": 1}
+    assert enc.stats() == {
+        "encoded": 7,
+        "decoded": 3,
+        "unframed": 2,
+        "unknown_type": 1,
+        "short": 1,
+        **zero,
+    }
 
 
 def test_large_records_and_buffer_growth():

@@ -252,8 +252,10 @@ def _worker_pids(service_pid: int) -> list[int]:
     out = []
     for pid in pids:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"spawn_main" in f.read():
-                out.append(pid)
+            cmd = f.read()
+        # a worker's title (setproctitle), or its spawn command line before it is set
+        if cmd.startswith(b"ringstream: worker") or b"spawn_main" in cmd:
+            out.append(pid)
     return out
 
 

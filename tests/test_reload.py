@@ -299,13 +299,16 @@ async def test_new_schema_files_apply_to_records_and_filters(tmp_path: Path) -> 
     with Service(tmp_path, config, env=attach) as svc:
         producer = ringcore.attach(str(tmp_path / "attach.sock"))
         record = pack_header(77) + (7).to_bytes(4, "little")
-        assert http_get(svc.url("/events?type=reloaded"))[0] == 400
         (tmp_path / "extra.toml").write_text(SCHEMA)
         schemas = f'[schemas]\nfiles = ["{tmp_path / "extra.toml"}"]\n'
         async with (
             aiohttp.ClientSession() as http,
             http.ws_connect(svc.ws_url("/ws")) as ws,
+            # before the reload "reloaded" can only be a JSON record's type;
+            # after it, this stream gets the schema's records of that name
+            http.get(svc.url("/events?type=reloaded")) as early,
         ):
+            assert early.status == 200
             assert producer.output(record)
             before = await ws.receive_json(timeout=30)
             svc.config_path.write_text(config + schemas)
@@ -313,6 +316,7 @@ async def test_new_schema_files_apply_to_records_and_filters(tmp_path: Path) -> 
             reload = svc.wait_log("reload", attempt=1)
             assert producer.output(record)
             after = await ws.receive_json(timeout=30)
+            assert orjson.loads(await early.content.readline())["n"] == 7
         assert before["type"] == "raw"
         assert after["type"] == "reloaded" and after["n"] == 7
         assert reload["keys"] == ["schemas.files", "schemas"]

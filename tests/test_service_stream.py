@@ -76,8 +76,8 @@ def test_filters_type_field_prefix_and_sample(svc: Service) -> None:
 @pytest.mark.parametrize(
     ("query", "names"),
     [
-        ("type=nope", "type"),
-        ("field.nosuch=1", "field.nosuch"),
+        ("type=bad!name", "type"),
+        ("field.a..b=1", "field.a..b"),
         ("sample=0", "sample"),
         ("from=-3", "from"),
         ("format=xml", "format"),
@@ -155,9 +155,9 @@ async def test_websocket_batches_and_filter_messages(svc: Service) -> None:
             await ws.send_str("not json")
             err = await ws.receive_json(timeout=30)
             assert err["type"] == "error" and "not JSON" in err["error"]
-            await ws.send_json({"filter": {"type": ["nope"]}})
+            await ws.send_json({"filter": {"type": ["no pe"]}})
             err = await ws.receive_json(timeout=30)
-            assert err["type"] == "error" and "nope" in err["error"]
+            assert err["type"] == "error" and "no pe" in err["error"]
             await ws.send_json({"filter": {"type": ["synthetic"], "field.level": "info"}})
             ack = await ws.receive_json(timeout=30)
             assert ack == {

@@ -380,7 +380,7 @@ static const char hexdig[] = "0123456789abcdef";
  * out overlong forms (E0, F0), surrogates (ED) and code points past
  * U+10FFFF (F4).
  */
-static size_t utf8_seq(const unsigned char *s, size_t n, size_t *bad)
+size_t enc_utf8_seq(const unsigned char *s, size_t n, size_t *bad)
 {
 	unsigned c = s[0], lo = 0x80, hi = 0xbf;
 	size_t need, k;
@@ -462,7 +462,7 @@ static char *put_text(char *p, const unsigned char *s, size_t n)
 			i++;
 			continue;
 		}
-		len = utf8_seq(s + i, n - i, &bad);
+		len = enc_utf8_seq(s + i, n - i, &bad);
 		if (len) {
 			memcpy(p, s + i, len);
 			p += len;
@@ -766,12 +766,15 @@ static char *put_field(char *p, const struct enc_field *f,
 #define ENC_UNFRAMED "unframed: no RS record header"
 #define ENC_UNKNOWN_TYPE "unknown type: no schema has this type_id"
 
+/* why: the error, when neither unframed, unknown nor short says it */
 static ssize_t put_raw(struct encoder *e, uint64_t pos,
 		       const unsigned char *d, size_t len, uint64_t now_ns,
-		       unsigned type_id, const struct enc_schema *s)
+		       unsigned type_id, const struct enc_schema *s,
+		       const char *why)
 {
 	/* the longest envelope: every key, every number at 20 digits */
-	uint64_t need = 256 + (s ? s->name_len : 0) + b64_len(len);
+	uint64_t need = 256 + (s ? s->name_len : 0) + b64_len(len) +
+			(why ? 6 * strlen(why) : 0);
 	char *p;
 
 	if (reserve(e, need))
@@ -786,7 +789,11 @@ static ssize_t put_raw(struct encoder *e, uint64_t pos,
 		p = PUT_LIT(p, ",\"type_id\":");
 		p = put_u64(p, type_id);
 	}
-	if (!type_id) {
+	if (why) {
+		p = PUT_LIT(p, ",\"error\":\"");
+		p = put_text(p, (const unsigned char *)why, strlen(why));
+		*p++ = '"';
+	} else if (!type_id) {
 		p = PUT_LIT(p, ",\"error\":\"" ENC_UNFRAMED "\"");
 	} else if (!s) {
 		p = PUT_LIT(p, ",\"error\":\"" ENC_UNKNOWN_TYPE "\"");
@@ -806,6 +813,76 @@ static ssize_t put_raw(struct encoder *e, uint64_t pos,
 	return p - e->buf;
 }
 
+/* ENC_TEXT_TYPE and ENC_JSON_TYPE records (encode.h has their layout) */
+static ssize_t put_builtin(struct encoder *e, uint64_t pos,
+			   const unsigned char *d, size_t len, uint64_t now_ns,
+			   unsigned type_id, struct enc_meta *meta)
+{
+	const unsigned char *name = d + ENC_HEADER_SZ + 1, *body;
+	size_t name_len, body_len;
+	uint64_t need, head;
+	char *p, *members, *end;
+	struct enc_json r;
+	char why[96];
+
+	if (len < ENC_HEADER_SZ + 1 || len < ENC_HEADER_SZ + 1U + d[ENC_HEADER_SZ]) {
+		e->stats.short_record++;
+		return put_raw(e, pos, d, len, now_ns, type_id, NULL,
+			       "short record: its type name runs past the end");
+	}
+	name_len = d[ENC_HEADER_SZ];
+	body = name + name_len;
+	body_len = len - ENC_HEADER_SZ - 1 - name_len;
+	/* the envelope with every number at 20 digits and the longest type:
+	 * the escaped name, or the object's own type (at most the payload) */
+	head = 80 + 6 * (uint64_t)name_len + body_len;
+	need = head + (type_id == ENC_TEXT_TYPE ? 6 * (uint64_t)body_len
+						: body_len + body_len / 6 + 2);
+	if (reserve(e, need + 16))
+		return -1;
+	p = e->buf;
+	if (type_id == ENC_JSON_TYPE) {
+		members = e->buf + head;
+		end = enc_json_members(members, body, body_len, &r);
+		if (!end) {
+			e->stats.invalid_json++;
+			snprintf(why, sizeof(why), "invalid JSON at byte %zu: %s", r.err_at, r.err);
+			return put_raw(e, pos, d, len, now_ns, type_id, NULL, why);
+		}
+	}
+	meta->ts_ns = ld64(d + 8);
+	meta->type_id = (uint16_t)type_id;
+	p = PUT_LIT(p, "{\"id\":");
+	p = put_u64(p, pos);
+	p = PUT_LIT(p, ",\"ts_ns\":");
+	p = put_u64(p, meta->ts_ns);
+	p = PUT_LIT(p, ",\"type\":");
+	if (type_id == ENC_JSON_TYPE && r.type) {
+		memcpy(p, r.type, r.type_len);
+		p += r.type_len;
+	} else if (name_len) {
+		*p++ = '"';
+		p = put_text(p, name, name_len);
+		*p++ = '"';
+	} else if (type_id == ENC_JSON_TYPE) {
+		p = PUT_LIT(p, "\"json\"");
+	} else {
+		p = PUT_LIT(p, "\"text\"");
+	}
+	if (type_id == ENC_TEXT_TYPE) {
+		e->stats.text++;
+		p = PUT_LIT(p, ",\"line\":\"");
+		p = put_text(p, body, body_len);
+		p = PUT_LIT(p, "\"}");
+		return p - e->buf;
+	}
+	e->stats.json++;
+	memmove(p, members, (size_t)(end - members));
+	p += end - members;
+	*p++ = '}';
+	return p - e->buf;
+}
+
 ssize_t enc_record(struct encoder *e, uint64_t pos, const unsigned char *d,
 		   size_t len, uint64_t now_ns, struct enc_meta *meta)
 {
@@ -821,16 +898,18 @@ ssize_t enc_record(struct encoder *e, uint64_t pos, const unsigned char *d,
 	if (len < ENC_HEADER_SZ || d[0] != 'R' || d[1] != 'S' || ld32(d + 4) ||
 	    !(type_id = ld16(d + 2))) {
 		e->stats.unframed++;
-		return put_raw(e, pos, d, len, now_ns, 0, NULL);
+		return put_raw(e, pos, d, len, now_ns, 0, NULL, NULL);
 	}
 	if (!e->by_type[type_id]) {
+		if (type_id >= ENC_TEXT_TYPE)
+			return put_builtin(e, pos, d, len, now_ns, type_id, meta);
 		e->stats.unknown_type++;
-		return put_raw(e, pos, d, len, now_ns, type_id, NULL);
+		return put_raw(e, pos, d, len, now_ns, type_id, NULL, NULL);
 	}
 	s = &e->schemas[e->by_type[type_id] - 1];
 	if (len < s->size) {
 		e->stats.short_record++;
-		return put_raw(e, pos, d, len, now_ns, type_id, s);
+		return put_raw(e, pos, d, len, now_ns, type_id, s, NULL);
 	}
 	if (reserve(e, s->bound + b64_len(len - s->size)))
 		return -1;

@@ -89,6 +89,9 @@ struct enc_stats {
 	uint64_t unframed;     /* raw: no header */
 	uint64_t unknown_type; /* raw: framed, no schema of that type */
 	uint64_t short_record; /* raw: framed, shorter than its schema */
+	uint64_t json;         /* JSON objects (ENC_JSON_TYPE) */
+	uint64_t text;         /* text lines (ENC_TEXT_TYPE) */
+	uint64_t invalid_json; /* raw: ENC_JSON_TYPE, not a valid JSON object */
 };
 
 struct encoder {
@@ -101,6 +104,48 @@ struct encoder {
 	size_t cap;
 	struct enc_stats stats;
 };
+
+/*
+ * Two built-in types need no schema. Their records carry, after the header,
+ * the record's type name and then the payload:
+ *
+ *   0        16     17          17+n
+ *   +--------+------+-----------+----------------------------------
+ *   | header | n u8 | name[n]   | payload ...
+ *   +--------+------+-----------+----------------------------------
+ *
+ *   ENC_TEXT_TYPE  {"id":..,"ts_ns":..,"type":NAME|"text","line":"PAYLOAD"}
+ *   ENC_JSON_TYPE  {"id":..,"ts_ns":..,"type":T,MEMBERS...}  (json.c)
+ *
+ * where T is the object's own "type" string, else NAME, else "json". An
+ * object that does not parse is delivered raw with the reason and where.
+ * Schemas cannot take these two type ids (service/schema.py refuses them).
+ */
+#define ENC_TEXT_TYPE 0xFFFEU
+#define ENC_JSON_TYPE 0xFFFFU
+#define ENC_JSON_MAX_DEPTH 128
+#define ENC_XSTR(x) #x
+#define ENC_STR(x) ENC_XSTR(x)
+
+struct enc_json {
+	const unsigned char *type; /* the object's "type" string token, or NULL */
+	size_t type_len;
+	const char *err; /* NULL: a valid object */
+	size_t err_at;   /* byte offset into the payload where it failed */
+};
+
+/*
+ * Check the JSON object s[0..n) and write its members to out, each with a
+ * leading comma, without insignificant whitespace: "id", "ts_ns" and a
+ * non-string "type" as "_id", "_ts_ns", "_type"; a string "type" into r.
+ * out needs room for n + n / 6 + 2 bytes. Returns the end of what it wrote,
+ * or NULL with r->err set.
+ */
+char *enc_json_members(char *out, const unsigned char *s, size_t n, struct enc_json *r);
+
+/* Length of the valid UTF-8 sequence at s (2 to 4), or 0 with *bad set to
+ * the length of its maximal invalid subpart. */
+size_t enc_utf8_seq(const unsigned char *s, size_t n, size_t *bad);
 
 /* Why a record was delivered raw (ENC_RAW_NONE: it was decoded). */
 enum { ENC_RAW_NONE, ENC_RAW_UNFRAMED, ENC_RAW_UNKNOWN, ENC_RAW_SHORT };

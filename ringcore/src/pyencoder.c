@@ -771,12 +771,15 @@ static PyObject *Encoder_stats(EncoderObject *self, PyObject *Py_UNUSED(ignored)
 {
 	const struct enc_stats *s = &self->enc.stats;
 
-	return Py_BuildValue("{sKsKsKsKsK}", "encoded",
+	return Py_BuildValue("{sKsKsKsKsKsKsKsK}", "encoded",
 			     (unsigned long long)s->encoded, "decoded",
 			     (unsigned long long)s->decoded, "unframed",
 			     (unsigned long long)s->unframed, "unknown_type",
 			     (unsigned long long)s->unknown_type, "short",
-			     (unsigned long long)s->short_record);
+			     (unsigned long long)s->short_record, "json",
+			     (unsigned long long)s->json, "text",
+			     (unsigned long long)s->text, "invalid_json",
+			     (unsigned long long)s->invalid_json);
 }
 
 static PyObject *Encoder_get_type_ids(EncoderObject *self, void *Py_UNUSED(c))
