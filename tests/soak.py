@@ -424,6 +424,8 @@ def report(r: Result) -> str:
             for t in c.marker_at:
                 by_minute[int(t // 60)] = by_minute.get(int(t // 60), 0) + 1
             lines.append(f"  {c.name} markers by minute of the run: {by_minute}")
+    budget = r.metrics.get("ringstream_subscriber_budget_dropped_records_total", 0)
+    lines.append(f"  dropped to keep subscribers.memory_budget: {budget:,.0f} records")
     lag = r.metrics.get("ringstream_event_loop_lag_max_seconds")
     lines.append(
         f"  service loop: longest stall {lag if lag is None else f'{lag * 1000:.0f} ms'}, "
