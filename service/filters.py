@@ -104,7 +104,9 @@ class Filter:
                         continue
                 elif not self._named_type(types[i], lines[i]):
                     continue
-            if fields and not _fields_match(load(lines[i]) if obj is None else obj, fields):
+            if fields and not _fields_match(
+                load(lines[i]) if obj is None else obj, fields, lines[i]
+            ):
                 continue
             if sample > 1:
                 self._seen += 1
@@ -114,17 +116,35 @@ class Filter:
         return batch.select(keep)
 
 
-def _fields_match(obj: dict[str, object], fields: tuple[tuple[str, str, bool], ...]) -> bool:
+def _fields_match(
+    obj: dict[str, object], fields: tuple[tuple[str, str, bool], ...], line: bytes
+) -> bool:
     for name, want, prefix in fields:
-        value = obj.get(name)
-        if value is None and "." in name:
-            value = _nested(obj, name)
+        value = _field(obj, name)
+        if isinstance(value, float):
+            # orjson reads an integer past 64 bits as a float, digits lost:
+            # a JSON record may hold one, and it compares by its own text
+            value = _field(json.loads(line), name)
         if value is None:
             return False
-        text = value if isinstance(value, str) else orjson.dumps(value).decode()
+        text = value if isinstance(value, str) else _text(value)
         if not (text.startswith(want) if prefix else text == want):
             return False
     return True
+
+
+def _field(obj: dict[str, object], name: str) -> object:
+    value = obj.get(name)
+    if value is None and "." in name:
+        value = _nested(obj, name)
+    return value
+
+
+def _text(value: object) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # an integer past 64 bits, which only the stdlib read
+        return json.dumps(value, separators=(",", ":"))
 
 
 def _nested(obj: object, name: str) -> object:

@@ -24,6 +24,7 @@ as for every producer.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -101,8 +102,8 @@ class Ingest(Collector):
         try:
             type_name = _type_name(request.query.get("type", s["type"]))
             body = await _read(request, s["max_body"])
-            objects = parse_body(body, request.content_type)
-            records = [frames.json_record(orjson.dumps(o), type_name) for o in objects]
+            payloads = parse_body(body, request.content_type)
+            records = [frames.json_record(p, type_name) for p in payloads]
             _fits(records, self.ring.max_record_size)
         except BodyError as e:
             self.refused["too_large" if e.status == 413 else "invalid"] += 1
@@ -172,32 +173,61 @@ async def _read(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_body(body: bytes, content_type: str) -> list[dict[str, Any]]:
-    """The objects of an NDJSON body, or of a JSON one (an object or an array
-    of objects); BodyError(400) names the first line or index that is not an object."""
+def parse_body(body: bytes, content_type: str) -> list[bytes]:
+    """The payloads (one JSON object's text each) of an NDJSON body, or of a
+    JSON one (an object or an array of objects); BodyError(400) names the
+    first line or index that is not an object.
+
+    An NDJSON line goes into the ring as it came (the consumer's check is
+    the one that counts, and drops the whitespace); the members of an array
+    are written anew, from the stdlib's reading, which keeps every digit of
+    an integer (orjson reads one past 64 bits as a float)."""
     if content_type == "application/json" or body.lstrip()[:1] == b"[":
         try:
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError as e:
+            value = json.loads(body, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:
             raise BodyError(400, f"body: not JSON: {e}") from None
         items = value if isinstance(value, list) else [value]
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 where = f"[{i}]" if isinstance(value, list) else "body"
                 raise BodyError(400, f"{where}: a record is a JSON object, got {_kind(item)}")
-        return items
+        return [_dumps(item) for item in items]
     out = []
     for n, line in enumerate(body.split(b"\n"), 1):
         if not line.strip():
             continue
         try:
-            item = orjson.loads(line)
-        except orjson.JSONDecodeError as e:
+            item = _loads(line)
+        except ValueError as e:
             raise BodyError(400, f"line {n}: not JSON: {e}") from None
         if not isinstance(item, dict):
             raise BodyError(400, f"line {n}: a record is a JSON object, got {_kind(item)}")
-        out.append(item)
+        out.append(line)
     return out
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: bytes) -> Any:
+    """orjson, and the stdlib for the valid JSON orjson refuses (integers
+    past 64 bits, lone surrogate escapes), still refusing NaN and Infinity."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        try:
+            return json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            raise ValueError(str(e)) from None
+
+
+def _dumps(obj: Any) -> bytes:
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # integers past 64 bits, lone surrogates: the stdlib writes them
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _kind(value: object) -> str:

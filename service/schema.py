@@ -15,8 +15,11 @@ service runs, which the tests hold to the reference. One record becomes::
     {"id": pos, "ts_ns": header ts, "type": "<schema name>",
      <fields in order, pads skipped>, "_extra": base64 (bytes past the schema)}
 
-and a record that cannot be decoded (unframed, unknown type, shorter than its
-schema) is delivered raw, stamped with the time the consumer took it::
+JSON and text records (ringcore/frames.py, the two type ids no schema may
+take) need no schema: the object's members merged into the envelope, or
+{"line": ...}; _decode_builtin is their reference. A record that cannot be
+decoded (unframed, unknown type, shorter than its schema, a JSON record that
+does not parse) is delivered raw, stamped with the time the consumer took it::
 
     {"id": pos, "ts_ns": now, "type": "raw", "type_id": N (framed only),
      "error": why it is raw, "raw": base64}

@@ -108,6 +108,9 @@ async def test_json_lines_from_a_shell_pipeline_arrive_as_objects(tmp_path: Path
             mine["id"]
         ]
         assert [r["id"] for r in await read_records(svc, "from=0&type=login", 1)] == [0]
+        # a field past 64 bits compares by its text too
+        want = "field.big=123456789012345678901234567890"
+        assert [r["id"] for r in await read_records(svc, f"from=0&{want}", 1)] == [big["id"]]
         m = metrics(svc)
         assert m['ringstream_decoded_records_total{result="json"}'] == 3
         assert m['ringstream_decoded_records_total{result="raw_invalid_json"}'] == 2
@@ -159,13 +162,18 @@ async def test_ingest_takes_ndjson_arrays_and_objects_in_order(tmp_path: Path) -
             svc.url("/ingest?type=batch"), arr, "Content-Type: application/json"
         )
         assert (status, body) == (200, {"accepted": 2})
+        # valid JSON orjson refuses: an integer past 64 bits, a lone surrogate
+        big = b'{"n": 99.5, "big": 123456789012345678901234567890, "s": "\\ud800"}\n'
+        status, body, _ = curl_post(svc.url("/ingest"), big)
+        assert (status, body) == (200, {"accepted": 1})
         one = b'{\n  "n": 102\n}'  # one pretty-printed object
         status, body, _ = curl_post(svc.url("/ingest"), one, "Content-Type: application/json")
         assert (status, body) == (200, {"accepted": 1})
-        got = await read_records(svc, "from=0", 103)
-        assert [g["n"] for g in got] == list(range(103))
-        assert [g["type"] for g in got[99:]] == ["json", "batch", "own", "json"]
-        assert metrics(svc)['ringstream_ingest_records_total{result="accepted"}'] == 103
+        got = await read_records(svc, "from=0", 104)
+        assert [g["n"] for g in got] == [*range(102), 99.5, 102]
+        assert got[102]["big"] == 123456789012345678901234567890 and got[102]["s"] == "\ud800"
+        assert [g["type"] for g in got[99:]] == ["json", "batch", "own", "json", "json"]
+        assert metrics(svc)['ringstream_ingest_records_total{result="accepted"}'] == 104
         assert svc.terminate() == 0
 
 
@@ -183,6 +191,9 @@ async def test_ingest_refuses_bad_bodies_whole_and_names_the_problem(tmp_path: P
             assert status == want and text in body["error"] and body["accepted"] == 0, body
         status, body, _ = curl_post(svc.url("/ingest?type=no%20spaces"), b'{"a":1}')
         assert status == 400 and "type:" in body["error"]
+        # a web page elsewhere cannot write into the stream (a form post carries Origin)
+        status, body, _ = curl_post(url, b'{"n": "csrf"}', "Origin: http://evil.example")
+        assert status == 403 and "server.allowed_origins" in body["error"]
         # nothing of the refused bodies went in: the first record is this one
         status, _, _ = curl_post(url, b'{"n": "after"}')
         assert status == 200
