@@ -46,6 +46,9 @@ from pathlib import Path
 
 from machine import describe as describe_machine
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from servicectl import parse_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -83,12 +86,7 @@ class ServiceProc:
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=60) as r:
             text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
+        return parse_metrics(text)
 
     def rss(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

@@ -32,6 +32,13 @@ ENVELOPE_FIELDS = frozenset({"id", "ts_ns", "type", "type_id", "raw", "error", "
 # a type name a filter can name beyond the schemas' (those of JSON and text records)
 OPEN_TYPE_NAME = re.compile(r"[A-Za-z0-9_.:/-]+")
 
+
+def is_type_name(name: str) -> bool:
+    """Whether `name` can be a JSON or text record's type in a filter, a
+    ?type= of /ingest or ingest.type: up to MAX_NAME of OPEN_TYPE_NAME."""
+    return OPEN_TYPE_NAME.fullmatch(name) is not None and len(name) <= MAX_NAME
+
+
 U64_MAX = (1 << 64) - 1  # the largest record id, and the largest sample
 I64_MIN = -(1 << 63)  # with U64_MAX, the integers a record field (and orjson) can hold
 
@@ -173,9 +180,7 @@ class FilterSchema:
             if key == "type":
                 names = _names(value, key)
                 for n in names:
-                    if n not in self.types and not (
-                        OPEN_TYPE_NAME.fullmatch(n) and len(n) <= MAX_NAME
-                    ):
+                    if n not in self.types and not is_type_name(n):
                         raise FilterError(
                             f"type: {n!r} is no schema's type ({', '.join(sorted(self.types))}) "
                             "and cannot be a JSON or text record's type name (up to "

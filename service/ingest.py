@@ -37,7 +37,8 @@ from prometheus_client.registry import Collector
 
 import ringcore
 from ringcore import frames
-from service.filters import OPEN_TYPE_NAME
+from service.filters import is_type_name
+from service.schema import no_constant
 
 log = logging.getLogger("ringstream.ingest")
 
@@ -151,7 +152,7 @@ def _answer(
 
 
 def _type_name(name: str) -> str:
-    if name and not (OPEN_TYPE_NAME.fullmatch(name) and len(name) <= frames.MAX_NAME):
+    if name and not is_type_name(name):
         raise BodyError(
             400, f"type: up to {frames.MAX_NAME} letters, digits and _ . : / -, got {name!r}"
         )
@@ -184,7 +185,7 @@ def parse_body(body: bytes, content_type: str) -> list[bytes]:
     an integer (orjson reads one past 64 bits as a float)."""
     if content_type == "application/json" or body.lstrip()[:1] == b"[":
         try:
-            value = json.loads(body, parse_constant=_no_constant)
+            value = json.loads(body, parse_constant=no_constant)
         except (ValueError, RecursionError) as e:
             raise BodyError(400, f"body: not JSON: {e}") from None
         items = value if isinstance(value, list) else [value]
@@ -207,10 +208,6 @@ def parse_body(body: bytes, content_type: str) -> list[bytes]:
     return out
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _loads(text: bytes) -> Any:
     """orjson, and the stdlib for the valid JSON orjson refuses (integers
     past 64 bits, lone surrogate escapes), still refusing NaN and Infinity."""
@@ -218,7 +215,7 @@ def _loads(text: bytes) -> Any:
         return orjson.loads(text)
     except orjson.JSONDecodeError as e:
         try:
-            return json.loads(text, parse_constant=_no_constant)
+            return json.loads(text, parse_constant=no_constant)
         except (ValueError, RecursionError):
             raise ValueError(str(e)) from None
 

@@ -432,7 +432,8 @@ def _raw(pos: int, data: bytes, now_ns: int, type_id: int, error: str) -> dict[s
     }
 
 
-def _no_constant(name: str) -> None:
+def no_constant(name: str) -> None:
+    """json.loads' parse_constant: NaN and Infinity are not JSON."""
     raise ValueError(f"{name} is not JSON")
 
 
@@ -457,7 +458,7 @@ def _decode_builtin(pos: int, data: bytes, ts_ns: int, now_ns: int, type_id: int
         line = body.decode("utf-8", "replace")
         return {"id": pos, "ts_ns": ts_ns, "type": name or "text", "line": line}
     try:
-        obj = json.loads(body.decode(), parse_constant=_no_constant, object_pairs_hook=_Obj)
+        obj = json.loads(body.decode(), parse_constant=no_constant, object_pairs_hook=_Obj)
         if not isinstance(obj, _Obj):
             raise ValueError("not an object")
         if _depth(obj) > JSON_MAX_DEPTH:

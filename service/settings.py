@@ -122,11 +122,9 @@ def _origins(value: object, key: str) -> tuple[str, ...]:
 
 def _type_name(value: object, key: str) -> str:
     from ringcore.frames import MAX_NAME
-    from service.filters import OPEN_TYPE_NAME
+    from service.filters import is_type_name
 
-    if not isinstance(value, str) or (
-        value and not (OPEN_TYPE_NAME.fullmatch(value) and len(value) <= MAX_NAME)
-    ):
+    if not isinstance(value, str) or (value and not is_type_name(value)):
         raise _fail(
             key, f"must be a type name (up to {MAX_NAME} letters, digits, _ . : / -)", value
         )

@@ -258,8 +258,9 @@ async def run(
         # the fast clients in a process of their own: in this one, 40-odd
         # other streams share one core's worth of Python, and a client that
         # stalls for a second is behind by a whole queue (50,000 records)
-        fast_results, fast_end = multiprocessing.get_context("spawn").Pipe(duplex=False)
-        fast_proc = multiprocessing.get_context("spawn").Process(
+        spawn = multiprocessing.get_context("spawn")
+        fast_results, fast_end = spawn.Pipe(duplex=False)
+        fast_proc = spawn.Process(
             target=fast_clients, args=(base, svc.ws_url("/ws?from=0&batch=1000"), fast_end)
         )
         fast_proc.start()
