@@ -220,14 +220,15 @@ size = 64
             aiohttp.ClientSession() as http,
             http.ws_connect(svc.ws_url("/ws?batch=1000")) as ws,
         ):
-            await ws.receive_json(timeout=30)  # records are flowing
+            # records are flowing: the first batch counts too, since the
+            # workers may stop before writing another
+            ws_ids = [r["id"] for r in await ws.receive_json(timeout=30)]
             svc.proc.send_signal(signal.SIGTERM)
-            ws_records = 0
             while True:
                 msg = await ws.receive(timeout=30)
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
-                ws_records += len(orjson.loads(msg.data))
+                ws_ids += [r["id"] for r in orjson.loads(msg.data)]
             assert msg.type == aiohttp.WSMsgType.CLOSE
             assert ws.close_code == 1001  # going away
         out, _ = curl.communicate(timeout=30)
@@ -245,7 +246,9 @@ size = 64
             seqs_by_worker.setdefault(r["worker"], []).append(r["seq"])
         for s in seqs_by_worker.values():
             assert s == list(range(s[0], s[0] + len(s)))
-        assert ws_records > 0
+        # the WebSocket subscriber, too, got every record up to the last one
+        assert ws_ids == sorted(set(ws_ids))
+        assert ws_ids[-1] == stop["last_id"]
         assert any(e.get("event") == "stopping" for e in svc.logs)
         assert svc.errors() == []
 
