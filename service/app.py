@@ -30,7 +30,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 import ringcore
-from service import __version__
+from service import __version__, tls
+from service.auth.gate import AuthConfigError, Authenticator, Keys
 from service.consumer import RingConsumer
 from service.endpoints import State, make_app
 from service.fanout import Hub
@@ -40,7 +41,7 @@ from service.ingest import Ingest
 from service.kernel import KernelSourceError, KernelSources
 from service.loopmon import LoopMonitor
 from service.metrics import Latency, ServiceCollector
-from service.origins import OriginPolicy, add_cors_headers
+from service.origins import OriginPolicy, add_cors_headers, is_loopback_host
 from service.reload import Plan, Reloader
 from service.schema import SchemaError, builtin_schemas, compile_encoder, load_schema_file
 from service.settings import Config, ConfigError
@@ -147,7 +148,11 @@ def plan(cfg: Config) -> Plan:
     count = cfg["workers"]["count"] or available_cpus()
     specs = plan_workers([dict(s) for s in cfg.sources], count)
     _check_plugins(specs)
-    return Plan(cfg, schemas, encoder, specs)
+    try:
+        keys = Keys(cfg["auth"])
+    except AuthConfigError as e:
+        raise ConfigError(str(e)) from None
+    return Plan(cfg, schemas, encoder, specs, keys)
 
 
 def check(cfg: Config) -> Plan:
@@ -155,6 +160,7 @@ def check(cfg: Config) -> Plan:
     ring's size (a ring never written costs no memory: made and closed)."""
     p = plan(cfg)
     _sized_ring(cfg["ring"]["size"], shm_dir=None).close()
+    tls.check(cfg["server"])
     return p
 
 
@@ -218,6 +224,7 @@ class Service:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         p = plan(self.cfg)
         self.schemas, self.encoder = p.schemas, p.encoder
+        self.keys = p.keys
         # planned: what a reload compares; specs: what the workers get (with
         # the kernel sources' descriptors)
         self.planned = self.specs = p.specs
@@ -333,7 +340,15 @@ class Service:
         self.origins = OriginPolicy(rejections, server)
         self.registry.register(rejections)
         self.registry.register(self.guard)
-        app = make_app(self.state, [self.guard.middleware, self.origins.middleware])
+        self.authenticator = auth = Authenticator(self.keys)
+        self.state.auth = auth
+        self.registry.register(auth)
+        self.tls = tls.context(server)
+        app = make_app(
+            self.state, [self.guard.middleware, self.origins.middleware, auth.middleware]
+        )
+        app.router.add_post("/login", auth.login)
+        app.router.add_post("/logout", auth.logout)
         self.ingest = Ingest(self.ring, self.cfg["ingest"], lambda: self.state.phase == "ready")
         self.registry.register(self.ingest)
         app.router.add_post("/ingest", self.ingest.handle)
@@ -348,7 +363,13 @@ class Service:
         remove_log_filter = install_log_filter(rejections)
         await runner.setup()
         host, port = self.cfg["server"]["host"], self.cfg["server"]["port"]
-        site = web.TCPSite(runner, host, port, backlog=self.cfg["server"]["backlog"])
+        site = web.TCPSite(
+            runner,
+            host,
+            port,
+            backlog=self.cfg["server"]["backlog"],
+            ssl_context=self.tls.listener if self.tls else None,
+        )
         try:
             await site.start()
         except OSError as e:
@@ -361,6 +382,7 @@ class Service:
                 f"{key}: cannot listen on {host}:{port}: {e.strerror or e}"
             ) from None
         self.port = _bound_port(runner, port)
+        _warn_auth(self.keys, host, self.tls is not None)
         try:
             yield
         finally:
@@ -469,6 +491,19 @@ class Service:
         log.info("stopping", extra={"event": "stopping"})
         if self.attach is not None:
             self.attach.close()
+
+
+def _warn_auth(keys: Keys, host: str, tls_on: bool) -> None:
+    """What a start with auth on should not keep quiet about."""
+    if keys.tokens is not None and keys.tokens.warning:
+        log.warning(keys.tokens.warning, extra={"event": "auth_warning"})
+    if keys.mode != "none" and not tls_on and not is_loopback_host(host):
+        log.warning(
+            "tokens travel in clear text: auth is on, TLS is off, and the service "
+            f"listens on {host}, beyond loopback (set server.tls_cert and tls_key, "
+            "or put a TLS proxy in front)",
+            extra={"event": "auth_warning"},
+        )
 
 
 def _bound_port(runner: web.AppRunner, asked: int) -> int:

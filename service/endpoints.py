@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import ringcore
+from service.auth.gate import PRINCIPAL, Authenticator
+from service.auth.scope import Principal
 from service.consumer import RingConsumer
 from service.fanout import Hub, Subscriber
 from service.filters import U64_MAX, Filter, FilterError, FilterSchema, ascii_int
@@ -68,6 +71,12 @@ class State:
     # this run's name: ids are ring positions, which start again at 0 with
     # every start, so an id means something only with its epoch
     epoch: str = field(default_factory=lambda: secrets.token_hex(4))
+    auth: Authenticator | None = None  # set by app.py with the HTTP server
+
+
+# why a stream ended that its client must be told of: the last thing it gets
+# is {"type": "end", "reason": ...}; a WebSocket then closes with the code
+END_REASONS = {"token_expired": 4001, "token_revoked": 4003}
 
 
 STATE = web.AppKey("state", State)
@@ -136,6 +145,41 @@ def _peer(request: web.Request) -> str:
     return request.remote or "?"
 
 
+def _scope(
+    st: State, request: web.Request, flt: Filter | None
+) -> tuple[Principal | None, Filter | None]:
+    """The request's principal and its scope as a filter; a 403 naming what
+    the subscriber's own filter asks beyond the scope."""
+    p: Principal | None = request.get(PRINCIPAL)
+    if p is None or p.scope.unrestricted:
+        return p, None
+    out = p.scope.refuses(flt)
+    if out is not None:
+        assert st.auth is not None
+        raise st.auth.forbidden("scope", out, request)
+    return p, p.scope.filter(st.filters)
+
+
+def _guard(st: State, p: Principal | None, sub: Subscriber) -> asyncio.TimerHandle | None:
+    """End `sub` when its token expires (at expiry, not at its next request),
+    or now if a reload revoked it between the check and the subscribe."""
+    if p is None:
+        return None
+    if st.auth is not None and not st.auth.keys.holds(p):
+        st.hub.end(sub, "token_revoked")
+        return None
+    if p.expires is None:
+        return None
+    # a little after exp: the timer's clock may run early by a millisecond,
+    # and a request at exp itself is refused (expired when now >= exp)
+    delay = max(0.0, p.expires - time.time()) + 0.01
+    return asyncio.get_running_loop().call_later(delay, st.hub.end, sub, "token_expired")
+
+
+def end_marker(reason: str) -> dict[str, object]:
+    return {"type": "end", "reason": reason}
+
+
 async def events(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
     if st.phase != "ready":
@@ -148,6 +192,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         raise _bad(f"format: must be 'ndjson' or 'sse', got {fmt!r}")
     after, after_epoch = _resume(st, request)
     flt = _filter(st, request, STREAM_PARAMS)
+    principal, scope = _scope(st, request, flt)
     headers = {
         "Ringstream-Epoch": st.epoch,
         "Content-Type": "text/event-stream" if fmt == "sse" else "application/x-ndjson",
@@ -160,28 +205,36 @@ async def events(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers=headers)
     cap_send_buffer(request.transport, st.settings["send_buffer"])
     await resp.prepare(request)
-    sub = st.hub.subscribe(fmt, _peer(request), flt, after, after_epoch)
+    sub = st.hub.subscribe(
+        fmt, _peer(request), flt, after, after_epoch, scope=scope, principal=principal
+    )
+    expiry = _guard(st, principal, sub)
     writer = SseWriter(resp, st.epoch) if fmt == "sse" else NdjsonWriter(resp, request.transport)
     reason = "client"
     try:
         await _run_stream(st, sub, writer)
         reason = sub.closed or "client"
-        if reason == "shutdown":
+        if reason in END_REASONS:
+            await writer.end(end_marker(reason))
+        if reason == "shutdown" or reason in END_REASONS:
             await resp.write_eof()
             await flushed(request.transport, request.protocol)
     except ConnectionError:  # reset, or lost while a write waited to drain
         reason = sub.closed if sub.closed in ("shutdown", "slow") else "client"
     except asyncio.CancelledError:
-        if sub.closed != "slow":
+        if sub.closed != "slow" and sub.closed not in END_REASONS:
             raise
-        # the policy's cancel, not the server's: this handler goes on
+        # the policy's cancel (or a stuck write at a token's end), not the
+        # server's: this handler goes on
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
-        reason = "slow"
+        reason = "slow" if sub.closed == "slow" else "stuck"
     finally:
-        st.hub.unsubscribe(sub, reason)
-    if reason == "slow" and request.transport is not None:
+        if expiry is not None:
+            expiry.cancel()
+        st.hub.unsubscribe(sub, sub.closed or reason)
+    if reason in ("slow", "stuck") and request.transport is not None:
         # disconnected by the policy, possibly in the middle of a write the
         # client is not reading: drop the connection, nothing more to say
         request.transport.abort()
@@ -218,6 +271,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             raise _bad(f"batch: must be an integer from 1 to {most}, got {text!r}")
     after, after_epoch = _resume(st, request)
     flt = _filter(st, request, WS_PARAMS)
+    principal, scope = _scope(st, request, flt)
     ws = web.WebSocketResponse(
         heartbeat=st.settings["heartbeat"],
         compress=st.settings["ws_compress"],
@@ -226,7 +280,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws.headers["Ringstream-Epoch"] = st.epoch
     cap_send_buffer(request.transport, st.settings["send_buffer"])
     await ws.prepare(request)
-    sub = st.hub.subscribe("ws", _peer(request), flt, after, after_epoch)
+    sub = st.hub.subscribe(
+        "ws", _peer(request), flt, after, after_epoch, scope=scope, principal=principal
+    )
+    expiry = _guard(st, principal, sub)
     sender = asyncio.create_task(_run_stream(st, sub, WsWriter(ws, batch, bool(ws.compress))))
     reason = "client"
     try:
@@ -234,19 +291,25 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         if sender.done() and not sender.cancelled() and sender.exception() is None:
             reason = sub.closed or "client"
     finally:
+        if expiry is not None:
+            expiry.cancel()
         if not sender.done():
             sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
-        reason = sub.closed if sub.closed in ("shutdown", "slow") else reason
+        reason = sub.closed if sub.closed in ("shutdown", "slow", *END_REASONS) else reason
         st.hub.unsubscribe(sub, reason)
-        code = {"shutdown": WSCloseCode.GOING_AWAY, "slow": WSCloseCode.POLICY_VIOLATION}
+        code = {
+            "shutdown": WSCloseCode.GOING_AWAY,
+            "slow": WSCloseCode.POLICY_VIOLATION,
+            **END_REASONS,
+        }
         if not ws.closed:
             try:
                 # a client that reads nothing cannot take a close frame either
-                await asyncio.wait_for(
-                    ws.close(code=code.get(reason, WSCloseCode.OK), message=reason.encode()),
-                    2.0,
-                )
+                async with asyncio.timeout(2.0):
+                    if reason in END_REASONS:
+                        await ws.send_frame(orjson.dumps(end_marker(reason)), WSMsgType.TEXT)
+                    await ws.close(code=code.get(reason, WSCloseCode.OK), message=reason.encode())
             except (TimeoutError, ConnectionResetError):
                 if request.transport is not None:
                     request.transport.abort()
@@ -294,6 +357,12 @@ async def _read_messages(
             continue
         except orjson.JSONEncodeError as e:
             await _ws_error(ws, f"filter: cannot be echoed back ({e})")
+            continue
+        out = sub.principal.scope.refuses(flt) if sub.principal is not None else None
+        if out is not None:
+            if st.auth is not None:
+                st.auth.refuse("scope", out, sub.peer, "/ws", sub.principal.name)
+            await _ws_error(ws, out)
             continue
         sub.filter = flt
         await ws.send_frame(ack, WSMsgType.TEXT)

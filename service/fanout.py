@@ -21,6 +21,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
+from typing import Any
 
 from service.batch import Batch
 from service.filters import Filter
@@ -117,11 +118,17 @@ class Subscriber:
         max_records: int,
         max_bytes: int,
         policy: str,
+        scope: Filter | None = None,
+        principal: Any = None,
     ) -> None:
         self.id = sid
         self.transport = transport
         self.peer = peer
         self.filter = flt
+        # the token's scope, applied before the subscriber's own filter (which
+        # a WebSocket message may replace; this stays); and who it is
+        self.scope = scope
+        self.principal = principal
         self.max_records = max_records
         self.max_bytes = max_bytes
         self.policy = policy
@@ -155,10 +162,12 @@ class Subscriber:
         """
         if self.closed is not None:
             return 0
+        if self.scope is not None:
+            batch = self.scope.apply(batch)
         if self.filter is not None:
             batch = self.filter.apply(batch)
-            if not batch.lines:
-                return 0
+        if not batch.lines:
+            return 0
         if self.behind is None:
             self.behind = batch.first
         self.queue.append(batch)
@@ -410,6 +419,22 @@ class Hub:
         if sub.writer is not None:
             sub.writer.cancel()
 
+    def end(self, sub: Subscriber, reason: str, grace: float = 2.0) -> None:
+        """End `sub`'s stream for `reason` (a token that expired or was revoked):
+        its writer sends the end marker and stops; one stuck in a write to a
+        client that reads nothing is cancelled after `grace` seconds, since
+        a closed subscriber's queue no longer grows into the slow policy."""
+        if sub.closed is not None:
+            return
+        sub.close(reason)
+        sub.wake.set()
+
+        def unstick() -> None:
+            if sub.writer is not None and not sub.writer.done():
+                sub.writer.cancel()
+
+        asyncio.get_running_loop().call_later(grace, unstick)
+
     def _disconnect(self, sub: Subscriber, reason: str) -> None:
         sub.close(reason)
         if sub.writer is not None:
@@ -422,6 +447,9 @@ class Hub:
         flt: Filter | None,
         after: int | None,
         after_epoch: str | None = None,
+        *,
+        scope: Filter | None = None,
+        principal: Any = None,
     ) -> Subscriber:
         """A new live subscriber; with `after`, it first replays the history past
         that id. `after_epoch`: `after` is an id of an earlier run (a restart),
@@ -434,6 +462,8 @@ class Hub:
             self.queue_records,
             self.queue_bytes,
             self.policy,
+            scope,
+            principal,
         )
         sub.last_id = self.history.last
         whole: Gap | None = None  # a gap after which all there is is replayed
@@ -468,6 +498,7 @@ class Hub:
                 "filter": flt.spec if flt else None,
                 "after": after,
                 "after_epoch": after_epoch,
+                **({"token": principal.name} if principal is not None else {}),
             },
         )
         return sub
@@ -502,6 +533,8 @@ class Hub:
             sub.cursor = part.last
             if part.last >= sub.replay_until:
                 sub.replay_until = -1
+            if sub.scope is not None:
+                part = sub.scope.apply(part)
             if sub.filter is not None:
                 part = sub.filter.apply(part)
             if part.lines:

@@ -31,8 +31,11 @@ from service.guard import Rejections
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # what a cross-origin EventSource or fetch sends that is not CORS-safelisted
-ALLOW_HEADERS = "Last-Event-ID, Accept"
+# (Authorization: a page that sends its bearer token, with auth on)
+ALLOW_HEADERS = "Last-Event-ID, Accept, Authorization"
 ALLOWED_KEY = "ringstream.cross_origin"
+# an origin listed by name (not by "*") may send credentials (the cookie)
+CREDENTIALS_KEY = "ringstream.cross_origin_credentials"
 
 
 def normalize(origin: str) -> str | None:
@@ -115,6 +118,7 @@ class OriginPolicy:
             )
         if cross:
             request[ALLOWED_KEY] = origin
+            request[CREDENTIALS_KEY] = normalize(origin) in self.allowed
             if request.method == "OPTIONS":
                 # a CORS preflight (Last-Event-ID on an EventSource reconnect)
                 return web.Response(
@@ -134,3 +138,5 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"
+        if request.get(CREDENTIALS_KEY):
+            response.headers["Access-Control-Allow-Credentials"] = "true"

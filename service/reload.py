@@ -33,7 +33,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 import ringcore
-from service import logs
+from service import logs, tls
+from service.auth.gate import Keys
 from service.filters import FilterSchema
 from service.schema import Schema
 from service.settings import Config, ConfigError
@@ -74,6 +75,15 @@ LIVE_KEYS = frozenset(
         "log.format",
         "log.level",
         "schemas.files",
+        "auth.mode",
+        "auth.tokens_file",
+        "auth.jwt_key",
+        "auth.jwt_jwks",
+        "auth.jwt_audience",
+        "auth.jwt_issuer",
+        "auth.jwt_leeway",
+        "auth.metrics_token",
+        "auth.metrics_token_file",
     }
 )
 KERNEL_KINDS = ("exec", "bpf-ringbuf")
@@ -89,6 +99,7 @@ class Plan:
     schemas: list[Schema]
     encoder: ringcore.Encoder
     specs: list[WorkerSpec]  # as planned, before the kernel sources are opened
+    keys: Keys  # [auth]'s files, read
 
 
 Running = tuple[WorkerSpec, WorkerSpec]  # (as planned, as the worker got it)
@@ -345,6 +356,8 @@ class Reloader:
         _check_kernel_schemas(plan.specs, plan.schemas)
         sources = diff_sources(self.running, plan.specs, plan.schemas)
         FilterSchema(_type_ids(plan.schemas), (f.name for s in plan.schemas for f in s.fields))
+        # the certificate files as they are now (the paths need a restart)
+        tls.check(effective(svc.cfg, new, restart_needed)["server"])
         return Pending(
             plan=plan,
             cfg=effective(svc.cfg, new, restart_needed),
@@ -376,10 +389,14 @@ class Reloader:
         svc.guard.configure(p.cfg["server"])
         svc.origins.configure(p.cfg["server"])
         svc.ingest.settings = p.cfg["ingest"]
+        tls.reload(svc.tls, p.cfg["server"])
+        svc.authenticator.configure(p.plan.keys)
+        _revoke(svc, p.plan.keys)
         _apply_consumer(svc, p.cfg["consumer"])
         _apply_workers(svc, p.cfg["workers"])
         if p.schemas_changed:
             _apply_schemas(svc, p.plan)
+            _rescope(svc)
         svc.cfg = p.cfg
         await self._apply_sources(p.sources)
         changed: dict[str, Any] = {
@@ -442,6 +459,31 @@ class Reloader:
                 **changed,
             },
         )
+
+
+def _revoke(svc: Service, keys: Keys) -> None:
+    """End the streams whose token the new keys no longer accept (removed
+    from the tokens file, its scope changed, its signing key gone)."""
+    for sub in list(svc.hub.subscribers.values()):
+        if sub.closed is None and not keys.holds(sub.principal):
+            log.info(
+                "token revoked: stream ended",
+                extra={
+                    "event": "token_revoked",
+                    "subscriber": sub.id,
+                    "token": sub.principal.name if sub.principal else None,
+                },
+            )
+            svc.hub.end(sub, "token_revoked")
+
+
+def _rescope(svc: Service) -> None:
+    """Scopes compiled again for the new schemas: a scope holds type ids, and
+    a reload may give an id to another type (or a name to a new id)."""
+    for sub in svc.hub.subscribers.values():
+        p = sub.principal
+        if p is not None and not p.scope.unrestricted:
+            sub.scope = p.scope.filter(svc.state.filters)
 
 
 def _apply_logs(cfg: Config) -> None:

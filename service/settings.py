@@ -131,6 +131,17 @@ def _type_name(value: object, key: str) -> str:
     return value
 
 
+_TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _token_hash(value: object, key: str) -> str:
+    if not isinstance(value, str) or (value and not _TOKEN_HASH.fullmatch(value)):
+        raise _fail(
+            key, 'must be "sha256:" and 64 lower-case hex digits (ringstream token hash)', value
+        )
+    return value
+
+
 # section -> key -> checker; the keys of config/default.toml, all of them
 SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "server": {
@@ -142,6 +153,9 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
         "header_timeout": _seconds(positive=True),
         "idle_timeout": _seconds(positive=True),
         "allowed_origins": _origins,
+        "tls_cert": _str,
+        "tls_key": _str,
+        "tls_client_ca": _str,
     },
     "ring": {
         "size": parse_size,
@@ -177,6 +191,17 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
         "enabled": _bool,
         "max_body": parse_size,
         "type": _type_name,
+    },
+    "auth": {
+        "mode": _choice("none", "token", "jwt"),
+        "tokens_file": _str,
+        "jwt_key": _str,
+        "jwt_jwks": _str,
+        "jwt_audience": _str,
+        "jwt_issuer": _str,
+        "jwt_leeway": _seconds(),
+        "metrics_token": _token_hash,
+        "metrics_token_file": _str,
     },
     "log": {
         "format": _choice("json", "plain"),
@@ -308,5 +333,23 @@ def _check_across(s: Mapping[str, Mapping[str, Any]]) -> None:
             f"workers.backoff_initial: must be <= workers.backoff_max "
             f"({w['backoff_max']}), got {w['backoff_initial']}"
         )
+    srv = s["server"]
+    if bool(srv["tls_cert"]) != bool(srv["tls_key"]):
+        raise ConfigError(
+            "server.tls_cert, server.tls_key: TLS needs both the certificate and its key, got "
+            f"tls_cert={srv['tls_cert']!r}, tls_key={srv['tls_key']!r}"
+        )
+    if srv["tls_client_ca"] and not srv["tls_cert"]:
+        raise ConfigError("server.tls_client_ca: mutual TLS needs server.tls_cert and tls_key")
+    a = s["auth"]
+    if a["mode"] == "token" and not a["tokens_file"]:
+        raise ConfigError('auth.tokens_file: auth.mode = "token" needs a tokens file')
+    if a["mode"] == "jwt" and bool(a["jwt_key"]) == bool(a["jwt_jwks"]):
+        raise ConfigError(
+            'auth.jwt_key, auth.jwt_jwks: auth.mode = "jwt" needs exactly one of them, got '
+            f"jwt_key={a['jwt_key']!r}, jwt_jwks={a['jwt_jwks']!r}"
+        )
+    if a["metrics_token"] and a["metrics_token_file"]:
+        raise ConfigError("auth.metrics_token, auth.metrics_token_file: set one of them, not both")
     if s["subscribers"]["queue_bytes"] < 1:
         raise ConfigError("subscribers.queue_bytes: must be at least 1 byte, got 0")

@@ -82,6 +82,9 @@ class NdjsonWriter:
     async def gap(self, marker: dict[str, object]) -> None:
         await self.resp.write(orjson.dumps(marker) + b"\n")
 
+    async def end(self, marker: dict[str, object]) -> None:
+        await self.resp.write(orjson.dumps(marker) + b"\n")
+
     async def heartbeat(self) -> None:
         # Nothing to write (a blank line would break strict NDJSON readers),
         # but a client that left must be noticed: aiohttp does not cancel the
@@ -112,6 +115,11 @@ class SseWriter:
     async def gap(self, marker: dict[str, object]) -> None:
         # no id: Last-Event-ID stays the last record actually received
         await self.resp.write(b"event: gap\ndata: %b\n\n" % orjson.dumps(marker))
+
+    async def end(self, marker: dict[str, object]) -> None:
+        # the stream's last event: EventSource reconnects after it, and its
+        # reconnect then gets the 401 that stops it
+        await self.resp.write(b"event: end\ndata: %b\n\n" % orjson.dumps(marker))
 
     async def heartbeat(self) -> None:
         await self.resp.write(b": keepalive\n\n")

@@ -293,3 +293,20 @@ async def test_a_replay_piece_spans_many_small_batches() -> None:
     await pump(h, sub, out, Latency(), heartbeat=5, replay_limit=100)
     assert out.ids() == list(range(8, 2400, 8))
     assert out.writes == 3  # 299 records, 100 a piece
+
+
+def test_a_scope_alone_that_passes_nothing_queues_nothing() -> None:
+    """A token's scope with no filter of the subscriber's own: a batch with
+    nothing in scope leaves the queue as it was (issue 15: it used to queue
+    an empty batch, and the next take() failed)."""
+    from service.auth.scope import Scope
+
+    h = hub()
+    schema = FilterSchema({"a": 1, "b": 2}, ())
+    scope = Scope(types=frozenset({"a"})).filter(schema)
+    sub = h.subscribe("ndjson", "test", None, None, scope=scope)
+    h.publish(batch([0, 1], types=[2, 2]))
+    assert not sub.queue and sub.behind is None and sub.closed is None
+    h.publish(batch([2, 3], types=[2, 1]))
+    _, got = sub.take()
+    assert [p for b in got for p in b.positions] == [3]
