@@ -146,20 +146,27 @@ def free_port() -> int:
 class Prometheus:
     """The real server on a copy of deploy/prometheus/, its target swapped."""
 
-    def __init__(self, tmp: Path, target: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        target: str,
+        config_name: str = "prometheus.yml",
+        swap: dict[str, str] | None = None,
+    ) -> None:
         exe = shutil.which("prometheus")
         assert exe, "prometheus (Debian package prometheus) is needed: scripts/setup --test"
         conf_dir = tmp / "prometheus"
         shutil.copytree(PROM_DIR, conf_dir)
-        text = (PROM_DIR / "prometheus.yml").read_text()
+        text = (PROM_DIR / config_name).read_text()
         for old, new in (
             ("- ringstream:8080", f"- {target}"),
             ("scrape_interval: 15s", "scrape_interval: 1s"),
             ("evaluation_interval: 15s", "evaluation_interval: 1s"),
+            *(swap or {}).items(),
         ):
-            assert text.count(old) == 1, f"prometheus.yml: expected one {old!r}"
+            assert text.count(old) == 1, f"{config_name}: expected one {old!r}"
             text = text.replace(old, new)
-        self.config = conf_dir / "prometheus.yml"
+        self.config = conf_dir / config_name
         self.config.write_text(text)
         self.log_path = tmp / "prometheus.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -579,3 +586,28 @@ def test_kubernetes_bpf_patch_names_the_deployment_and_its_exec_source() -> None
     assert env == {"name": "RINGSTREAM_SOURCES_0_METHOD", "value": "bpf"}
     config = next(iter(objs["ConfigMap"]["data"].values()))
     assert tomllib.loads(config)["sources"][0]["kind"] == "exec"
+
+
+def test_kubernetes_auth_patch_mounts_what_its_settings_name() -> None:
+    """deploy/k8s/auth/: the patched container exists, its env vars are
+    settings whose files lie in the mounted Secret, the Secret's mode keeps
+    the files from other users, and the scrape job sends the metrics token."""
+    from service.settings import env_layer
+
+    patch = read_yaml(K8S / "auth" / "auth.patch.yaml")["spec"]["template"]["spec"]
+    (c,) = k8s_objects()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    (pc,) = patch["containers"]
+    assert pc["name"] == c["name"]
+    env = {e["name"]: e["value"] for e in pc["env"]}
+    sections, _ = env_layer(env)  # every one a real setting, or this raises
+    assert sections["auth"]["mode"] == "token"
+    (mount,) = pc["volumeMounts"]
+    (volume,) = patch["volumes"]
+    assert volume["name"] == mount["name"] and mount["readOnly"] is True
+    assert volume["secret"]["defaultMode"] == 0o440
+    for key in ("tokens_file", "metrics_token_file"):
+        path = Path(sections["auth"][key])
+        assert path.parent == Path(mount["mountPath"]), key
+    (job,) = read_yaml(K8S / "auth" / "prometheus-scrape.yaml")
+    assert job["job_name"] == "ringstream"  # what alerts.yml selects
+    assert job["authorization"]["credentials_file"].endswith("/metrics_token")
