@@ -4,6 +4,8 @@
     ringstream config [...same flags]   print the effective configuration as JSON
     ringstream token new NAME [--type T]... [--field K=V]... [--allow A]... [--expires TIME]
     ringstream token hash                a token from stdin -> "sha256:HEX" (auth.metrics_token)
+    ringstream tail [URL] [--type T] [--field K=V] [--from ID] [-o F,F]   follow the stream
+    ringstream top [URL]                 a live view of the ring, rates, subscribers, sources
 
 Exit status: 0 after a clean stop, 2 for a configuration error or a service
 that cannot start (the message on stderr names the key and the problem).
@@ -43,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
             "--log-format", choices=("json", "plain"), help="log line format (log.format)"
         )
     _token_parser(sub)
+    from service.term import tail, top
+
+    tail.add_parser(sub)
+    top.add_parser(sub)
     return p
 
 
@@ -175,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "token":
         return _token(args)
+    if args.command in ("tail", "top"):
+        from service.term import tail, top
+
+        return (tail if args.command == "tail" else top).main(args)
     try:
         cfg = load(args.config, overrides=_overrides(args))
     except ConfigError as e:

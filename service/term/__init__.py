@@ -1,0 +1,1 @@
+"""Terminal tools for a running service: `ringstream tail` and `ringstream top`."""
