@@ -241,3 +241,9 @@ def stalled_socket(port: int, path: str, *, ws: bool = False) -> socket.socket:
         )
     s.sendall((head + "\r\n").encode())
     return s
+
+
+def get_json(url: str) -> Any:
+    status, body = http_get(url)
+    assert status == 200, (url, status, body[:200])
+    return orjson.loads(body)
