@@ -30,6 +30,7 @@ from service.streams import (
     flushed,
     pump,
 )
+from service.web import Page
 
 log = logging.getLogger("ringstream.http")
 
@@ -405,14 +406,23 @@ async def reload_config(request: web.Request) -> web.Response:
     return web.json_response(body, status=status, dumps=lambda o: orjson.dumps(o).decode())
 
 
+PAGE = web.AppKey("page", Page)
+
+
 async def landing(request: web.Request) -> web.Response:
+    """The live page for a browser; the text index for curl and the rest."""
+    page = request.app[PAGE]
+    if page.wants(request):
+        return page.page(request)
     return web.Response(text=LANDING)
 
 
 def make_app(st: State, middlewares: Sequence[Any] = ()) -> web.Application:
     app = web.Application(middlewares=middlewares)
     app[STATE] = st
+    app[PAGE] = page = Page()
     app.router.add_get("/", landing)
+    app.router.add_get("/static/{name:.+}", page.static)
     app.router.add_get("/events", events)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/query", query)

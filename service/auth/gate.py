@@ -1,6 +1,7 @@
 """The auth middleware: who a request comes from, and whether it may.
 
-Open always: /, /healthz, /readyz, /login, /logout. /metrics wants
+Open always: /, /healthz, /readyz, /login, /logout, and the page's assets
+(/static/). /metrics wants
 auth.metrics_token (or _file) when one is set. Everything else wants a token (an
 `Authorization: Bearer` header, or the cookie /login sets) whose `allow`
 holds the route's action: subscribe (/events, /ws, /query), ingest
@@ -247,7 +248,7 @@ class Authenticator(Collector):
         path = request.path
         if path == "/metrics":
             self._metrics(request)
-        elif self.on and path not in OPEN:
+        elif self.on and path not in OPEN and not path.startswith("/static/"):
             # everything not open wants a token, routes added later included
             p = self.authenticate(request)
             request[PRINCIPAL] = p
