@@ -92,7 +92,9 @@ def test_the_page_streams_filters_pauses_and_shows_the_ring(tmp_path: Path) -> N
             page.click("#rows .row")
             assert '"type": "synthetic"' in page.inner_text("#detail-json")
             shot = page.screenshot(path=str(tmp_path / "page.png"))
-            page.set_content('<html><head><link rel="icon" href="data:,"></head><body></body></html>')
+            page.set_content(
+                '<html><head><link rel="icon" href="data:,"></head><body></body></html>'
+            )
             blank = page.screenshot()
         finally:
             browser.close()
