@@ -8,7 +8,7 @@ const $ = (s) => document.querySelector(s);
 const MAX = 10000, ROW = 22, POINTS = 300;
 const ENVELOPE = new Set(["id", "ts_ns", "type", "type_id"]);
 const st = { records: [], pending: [], paused: false, epoch: null, last: null, conn: null,
-  selected: -1, follow: true, backoff: 500, prev: null, series: {}, dirty: true };
+  selected: -1, follow: true, backoff: 500, prev: null, series: {}, dirty: true, received: 0 };
 
 const esc = (v) => String(v).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
 const show = (v) => (typeof v === "string" ? v : JSON.stringify(v));
@@ -40,6 +40,7 @@ function take(rec) {
   if (rec.type === "filter") return;
   if (rec.type === "error") { error(rec.error); return; }
   st.pending.push(rec);
+  st.received++;
   if (rec.type !== "gap" && rec.type !== "end" && typeof rec.id === "number") st.last = rec.id;
   if (rec.type === "end") { disconnect(); status(`ended: ${rec.reason}`, "down"); }
 }
