@@ -340,19 +340,26 @@ class Service:
         self.origins = OriginPolicy(rejections, server)
         self.registry.register(rejections)
         self.registry.register(self.guard)
-        self.authenticator = auth = Authenticator(self.keys)
+        base = server["base_path"]
+        self.authenticator = auth = Authenticator(self.keys, base)
         self.state.auth = auth
         self.registry.register(auth)
         self.tls = tls.context(server)
-        app = make_app(
-            self.state, [self.guard.middleware, self.origins.middleware, auth.middleware]
-        )
+        outer = [self.guard.middleware, self.origins.middleware]
+        app = make_app(self.state, [auth.middleware] if base else [*outer, auth.middleware])
         app.router.add_post("/login", auth.login)
         app.router.add_post("/logout", auth.logout)
         self.ingest = Ingest(self.ring, self.cfg["ingest"], lambda: self.state.phase == "ready")
         self.registry.register(self.ingest)
         app.router.add_post("/ingest", self.ingest.handle)
         app.on_response_prepare.append(add_cors_headers)
+        if base:
+            root = web.Application(middlewares=outer)
+            # the page's relative URLs want its directory: /base/, not /base
+            # (first: the sub-app's prefix would take /base as well)
+            root.router.add_get(base, _redirect(base + "/"))
+            root.add_subapp(base, app)
+            app = root
         runner = GuardedRunner(
             app,
             self.guard,
@@ -491,6 +498,13 @@ class Service:
         log.info("stopping", extra={"event": "stopping"})
         if self.attach is not None:
             self.attach.close()
+
+
+def _redirect(to: str) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect(to)
+
+    return handler
 
 
 def _warn_auth(keys: Keys, host: str, tls_on: bool) -> None:

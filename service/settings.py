@@ -131,6 +131,15 @@ def _type_name(value: object, key: str) -> str:
     return value
 
 
+_BASE_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+
+
+def _base_path(value: object, key: str) -> str:
+    if not isinstance(value, str) or (value and not _BASE_PATH.fullmatch(value)):
+        raise _fail(key, 'must be "" or a path such as "/ringstream" (no trailing /)', value)
+    return value
+
+
 _TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -156,6 +165,7 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
         "tls_cert": _str,
         "tls_key": _str,
         "tls_client_ca": _str,
+        "base_path": _base_path,
     },
     "ring": {
         "size": parse_size,

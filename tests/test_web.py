@@ -128,3 +128,49 @@ def test_the_page_and_its_assets_are_cached_and_gzipped(tmp_path: Path) -> None:
         assert "content-encoding: gzip" in js and "immutable" in js
         assert "200" in head("/static/vendor/uPlot.iife.min.js").split("\n")[0]
         assert "404" in head("/static/nope.js").split("\n")[0]
+
+
+def test_under_a_base_path_the_page_and_every_endpoint_move_with_it(tmp_path: Path) -> None:
+    """server.base_path, for a reverse proxy that passes its prefix on."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium (Debian package chromium) is needed: scripts/setup --test"
+    config = CONFIG + '\n[server]\nbase_path = "/rs"\n'
+    with Service(tmp_path, config) as svc, sync_playwright() as pw:
+
+        def code(path: str, *args: str) -> str:
+            r = subprocess.run(
+                [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{redirect_url}",
+                    *args,
+                    svc.url(path),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            return r.stdout.strip()
+
+        assert code("/rs/healthz") == "200"
+        assert code("/rs/query") == "200"
+        assert code("/rs/events", "-I") == "200"
+        assert code("/healthz") == "404" and code("/events", "-I") == "404"
+        assert code("/rs") == f"308 {svc.url('/rs/')}"
+        assert code("/rs/static/app.js") == "200"
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(svc.url("/rs/"))
+            wait(page, "records", "() => window.ringstream.ids().length >= 5")
+            wait(page, "the gauge", "() => document.querySelector('#ring-size') !== null")
+        finally:
+            browser.close()
+        assert errors == []
+        assert svc.errors() == []

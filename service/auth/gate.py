@@ -169,8 +169,9 @@ def bearer(request: web.Request) -> str | None:
 
 
 class Authenticator(Collector):
-    def __init__(self, keys: Keys) -> None:
+    def __init__(self, keys: Keys, base_path: str = "") -> None:
         self.keys = keys
+        self.base = base_path  # server.base_path: the paths below are under it
         self.failures: Counter[str] = Counter({r: 0 for r in REASONS})
         self.accepted: Counter[str] = Counter()
 
@@ -246,6 +247,8 @@ class Authenticator(Collector):
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         path = request.path
+        if self.base and path.startswith(self.base):
+            path = path[len(self.base) :] or "/"
         if path == "/metrics":
             self._metrics(request)
         elif self.on and path not in OPEN and not path.startswith("/static/"):
