@@ -243,6 +243,13 @@ def stalled_socket(port: int, path: str, *, ws: bool = False) -> socket.socket:
     return s
 
 
+def free_port() -> int:
+    """A port free now (a test that needs the same port twice: a restart)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def get_json(url: str) -> Any:
     status, body = http_get(url)
     assert status == 200, (url, status, body[:200])

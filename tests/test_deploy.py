@@ -18,7 +18,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
-from servicectl import BASE_CONFIG, ROOT, Service, http_get, plugin_source
+from servicectl import BASE_CONFIG, ROOT, Service, free_port, http_get, plugin_source
 
 import ringcore
 from service.settings import load as load_config
@@ -135,12 +134,6 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:

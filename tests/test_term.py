@@ -9,7 +9,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import orjson
 import pytest
 from authkeys import new_token
-from servicectl import BASE_CONFIG, ROOT, Service, get_json
+from servicectl import BASE_CONFIG, ROOT, Service, free_port, get_json
 
 TWO_WORKERS = (
     BASE_CONFIG.replace("count = 1", "count = 2")
@@ -101,12 +100,6 @@ def test_tail_on_a_terminal_follows_filters_and_quits_on_ctrl_c(tmp_path: Path, 
         pane.wait("it to follow", lambda t: max(seqs(t), default=-1) > newest)
         pane.keys("C-c")
         pane.wait("exit 0", lambda t: "EXIT=0" in t)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tail_pipes_json_and_resumes_across_a_restart(tmp_path: Path) -> None:
