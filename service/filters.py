@@ -59,6 +59,19 @@ def ascii_int(text: str, lo: int, hi: int) -> int | None:
     return n if lo <= n <= hi else None
 
 
+def condition(value: object) -> tuple[str, bool] | None:
+    """A field condition's (text, is_prefix): a string ("PREFIX*" for a
+    prefix) or an integer a record field can hold; None for anything else.
+    Filters and token scopes (service/auth/scope.py) read them alike."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    if isinstance(value, int) and not I64_MIN <= value <= U64_MAX:
+        return None
+    text = str(value)
+    prefix = text.endswith("*")
+    return (text[:-1] if prefix else text), prefix
+
+
 class FilterError(ValueError):
     """A filter that cannot be applied; the message names the parameter."""
 
@@ -198,15 +211,10 @@ class FilterSchema:
                         f"{key}: a field name (dotted for nested members: field.user.id), "
                         f"got {name!r}"
                     )
-                if (
-                    not isinstance(value, str | int)
-                    or isinstance(value, bool)
-                    or (isinstance(value, int) and not I64_MIN <= value <= U64_MAX)
-                ):
+                cond = condition(value)
+                if cond is None:
                     raise FilterError(f"{key}: must be a string or a 64-bit integer, got {value!r}")
-                text = str(value)
-                prefix = text.endswith("*")
-                fields.append((name, text[:-1] if prefix else text, prefix))
+                fields.append((name, *cond))
                 spec[key] = value
             elif key == "sample":
                 sample = _sample(value)

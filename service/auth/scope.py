@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ringcore.frames import MAX_NAME
-from service.filters import I64_MIN, U64_MAX, Filter, FilterSchema, is_type_name
+from service.filters import Filter, FilterSchema, condition, is_type_name
 
 ACTIONS = ("subscribe", "ingest", "reload")
 
@@ -107,13 +107,10 @@ def parse_scope(obj: Mapping[str, object], where: str) -> Scope:
     for name, value in f.items():
         if not isinstance(name, str) or not name or not all(name.split(".")):
             raise ScopeError(f"{where}.fields: {name!r} is not a field name")
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise ScopeError(f"{where}.fields.{name}: must be a string or an integer")
-        if isinstance(value, int) and not I64_MIN <= value <= U64_MAX:
-            raise ScopeError(f"{where}.fields.{name}: must be a 64-bit integer")
-        text = str(value)
-        prefix = text.endswith("*")
-        fields.append((name, text[:-1] if prefix else text, prefix))
+        cond = condition(value)
+        if cond is None:
+            raise ScopeError(f"{where}.fields.{name}: must be a string or a 64-bit integer")
+        fields.append((name, *cond))
     allow = obj.get("allow", ["subscribe"])
     if not isinstance(allow, list) or not all(a in ACTIONS for a in allow):
         raise ScopeError(f"{where}.allow: must be a list of {', '.join(ACTIONS)}")
