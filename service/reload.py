@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -253,6 +254,7 @@ class Pending:
     restart_needed: list[str]
     sources: SourcesDiff
     schemas_changed: bool
+    tls: ssl.SSLContext | None  # server.tls_*'s files, loaded
 
 
 class ReloadMetrics(Collector):
@@ -356,15 +358,18 @@ class Reloader:
         _check_kernel_schemas(plan.specs, plan.schemas)
         sources = diff_sources(self.running, plan.specs, plan.schemas)
         FilterSchema(_type_ids(plan.schemas), (f.name for s in plan.schemas for f in s.fields))
-        # the certificate files as they are now (the paths need a restart)
-        tls.check(effective(svc.cfg, new, restart_needed)["server"])
+        cfg = effective(svc.cfg, new, restart_needed)
+        # the certificate files as they are now (the paths need a restart),
+        # loaded once: the context checked is the one applied
+        tls_context = tls.check(cfg["server"])
         return Pending(
             plan=plan,
-            cfg=effective(svc.cfg, new, restart_needed),
+            cfg=cfg,
             keys=[k for k in keys if k in LIVE_KEYS],
             restart_needed=restart_needed + sources.restart_needed,
             sources=sources,
             schemas_changed=plan.schemas != svc.schemas,
+            tls=tls_context,
         )
 
     # --- apply --------------------------------------------------------------
@@ -389,7 +394,8 @@ class Reloader:
         svc.guard.configure(p.cfg["server"])
         svc.origins.configure(p.cfg["server"])
         svc.ingest.settings = p.cfg["ingest"]
-        tls.reload(svc.tls, p.cfg["server"])
+        if svc.tls is not None and p.tls is not None:
+            svc.tls.current = p.tls
         svc.authenticator.configure(p.plan.keys)
         _revoke(svc, p.plan.keys)
         _apply_consumer(svc, p.cfg["consumer"])

@@ -54,20 +54,13 @@ class Tls:
     def _switch(self, conn: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
         conn.context = self.current
 
-    def reload(self, server: Mapping[str, Any]) -> None:
-        self.current = build(server)
-
 
 def context(server: Mapping[str, Any]) -> Tls | None:
     """The listener's TLS from [server], or None when TLS is off."""
     return Tls(server) if server["tls_cert"] else None
 
 
-def check(server: Mapping[str, Any]) -> None:
-    if server["tls_cert"]:
-        build(server)
-
-
-def reload(t: Tls | None, server: Mapping[str, Any]) -> None:
-    if t is not None and server["tls_cert"]:
-        t.reload(server)
+def check(server: Mapping[str, Any]) -> ssl.SSLContext | None:
+    """A context of the files as they are now (a reload swaps it in as
+    Tls.current), or None when TLS is off; ConfigError if they do not load."""
+    return build(server) if server["tls_cert"] else None
