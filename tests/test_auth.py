@@ -653,6 +653,36 @@ def test_deploy_auth_secrets_with_a_real_prometheus_scrape(tmp_path: Path) -> No
         assert svc.errors() == []
 
 
+def test_login_takes_the_metrics_token_into_a_cookie_only_metrics_reads(tmp_path: Path) -> None:
+    """For the page's charts: POST /login with metrics_token sets its own
+    HttpOnly cookie, which /metrics takes and nothing else does. Works with
+    auth.mode none too, where the metrics token is the only one."""
+    secret = "rs_" + "m" * 40
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    config = BASE_CONFIG + SYNTHETIC + f'\n[auth]\nmetrics_token = "sha256:{digest}"\n'
+    with Service(tmp_path, config) as svc:
+        jar = tmp_path / "jar"
+        assert status(svc.url("/login"), "-X", "POST", "-d", "metrics_token=rs_wrong") == 401
+        r = curl(
+            "-i", "-c", str(jar), "-X", "POST", "-d", f"metrics_token={secret}", svc.url("/login")
+        )
+        head = r.stdout.lower()
+        assert "set-cookie: ringstream_metrics_token=" in head and "httponly" in head
+        assert "samesite=strict" in head
+        assert status(svc.url("/metrics")) == 401
+        assert status(svc.url("/metrics"), "-b", str(jar)) == 200
+        # the metrics cookie is not a subscriber's token (here none is needed)
+        cookie = f"Cookie: ringstream_metrics_token={secret}"
+        assert status(svc.url("/metrics"), "-H", "Cookie: ringstream_metrics_token=rs_x") == 401
+        assert status(svc.url("/metrics"), "-H", cookie) == 200
+        r = curl("-i", "-b", str(jar), "-X", "POST", svc.url("/logout"))
+        assert "ringstream_metrics_token=;" in r.stdout.replace('=""', "=")
+        assert metrics(svc, secret)['ringstream_auth_failures_total{reason="metrics"}'] == 3
+        assert svc.errors() == []
+    with Service(tmp_path, BASE_CONFIG) as svc:  # no metrics token set: no such login
+        assert status(svc.url("/login"), "-X", "POST", "-d", f"metrics_token={secret}") == 404
+
+
 # --- TLS ----------------------------------------------------------------------
 
 

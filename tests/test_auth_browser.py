@@ -75,3 +75,52 @@ def test_a_browser_logs_in_and_streams_over_the_cookie(tmp_path: Path) -> None:
         assert errors == []
         svc.wait_log("auth_login", token="browser")
         assert token not in "\n".join(svc.lines)
+
+
+def test_the_page_logs_in_and_charts_metrics_behind_their_own_token(tmp_path: Path) -> None:
+    """The page with auth on and a metrics token: its login form takes the
+    reader's token, then a second form the metrics token, each into an
+    HttpOnly cookie; the charts then fill from /metrics."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium (Debian package chromium) is needed: scripts/setup --test"
+    token, entry = new_token(tmp_path, "reader", "--type", "synthetic")
+    mtoken, mentry = new_token(tmp_path, "metrics")
+    (tmp_path / "tokens.toml").write_text(entry)
+    mhash = mentry.split('sha256 = "')[1].split('"')[0]
+    config = BASE_CONFIG + (
+        f'\n[auth]\nmode = "token"\ntokens_file = "{tmp_path}/tokens.toml"\n'
+        f'metrics_token = "sha256:{mhash}"\n'
+    )
+    with Service(tmp_path, config + SOURCES) as svc, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(svc.url("/"))
+            page.locator("#login").wait_for(state="visible", timeout=30_000)
+            page.fill("#token", token)
+            page.press("#token", "Enter")
+            page.wait_for_function("() => window.ringstream.ids().length >= 5", timeout=60_000)
+            page.locator("#metrics-login").wait_for(state="visible", timeout=30_000)
+            assert page.evaluate("() => window.ringstream.state.prev") is None  # no charts yet
+            page.fill("#metrics-token", "rs_not_it")
+            page.press("#metrics-token", "Enter")
+            page.wait_for_function(
+                "() => document.querySelector('#error').textContent === 'metrics token refused'",
+                timeout=30_000,
+            )
+            page.fill("#metrics-token", mtoken)
+            page.press("#metrics-token", "Enter")
+            page.wait_for_function(
+                "() => window.ringstream.state.prev !== null"
+                " && window.ringstream.state.series.rates.data[0].length >= 2",
+                timeout=60_000,
+            )
+            assert page.locator("#metrics-login").is_hidden()
+            assert "synthetic" in page.inner_text("#sources")
+            assert page.evaluate("() => document.cookie") == ""
+        finally:
+            browser.close()
+        svc.wait_log("auth_login", token="metrics")
+        assert mtoken not in "\n".join(svc.lines) and token not in "\n".join(svc.lines)
+        assert svc.errors() == []

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from servicectl import BASE_CONFIG, Service, get_json
+from servicectl import BASE_CONFIG, Service, get_json, http_get, parse_metrics
 
 CHROMIUM = shutil.which("chromium")
 CONFIG = (
@@ -170,6 +170,78 @@ def test_under_a_base_path_the_page_and_every_endpoint_move_with_it(tmp_path: Pa
             page.goto(svc.url("/rs/"))
             wait(page, "records", "() => window.ringstream.ids().length >= 5")
             wait(page, "the gauge", "() => document.querySelector('#ring-size') !== null")
+        finally:
+            browser.close()
+        assert errors == []
+        assert svc.errors() == []
+
+
+def test_over_sse_the_page_resumes_and_marks_what_history_no_longer_has(tmp_path: Path) -> None:
+    """?transport=sse: the page streams over EventSource. A short pause
+    resumes from history with nothing lost; a pause longer than the history
+    holds shows a gap row saying where the records went missing."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium (Debian package chromium) is needed: scripts/setup --test"
+    config = CONFIG.replace("[subscribers]", "[subscribers]\nhistory_records = 300")
+    assert "history_records = 300" in config
+    with Service(tmp_path, config) as svc, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+
+        def advance(n: int) -> None:
+            submitted = get_json(svc.url("/query"))["submitted"]
+            deadline = time.monotonic() + 60
+            while get_json(svc.url("/query"))["submitted"] < submitted + n:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(svc.url("/?type=synthetic&transport=sse"))
+            assert page.input_value("#transport") == "sse"
+            wait(page, "records", "() => window.ringstream.ids().length >= 20")
+            assert page.evaluate("() => window.ringstream.state.conn instanceof EventSource")
+            subs = parse_metrics(http_get(svc.url("/metrics"))[1].decode())
+            assert subs['ringstream_subscribers{transport="sse"}'] == 1
+            assert subs['ringstream_subscribers{transport="ws"}'] == 0
+            # a short pause: history has every record missed
+            page.click("#pause")
+            n = len(page.evaluate("() => window.ringstream.ids()"))
+            advance(50)
+            page.click("#pause")
+            wait(
+                page, "records after the pause", f"() => window.ringstream.ids().length >= {n + 40}"
+            )
+            recs = page.evaluate("() => window.ringstream.records()")
+            assert [r for r in recs if r["type"] == "gap"] == []
+            seqs = [r["seq"] for r in recs if r["worker"] == 0]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            # a long pause: beyond the 300 records of history, a gap row
+            page.click("#pause")
+            last = page.evaluate("() => window.ringstream.state.last")
+            advance(2000)
+            page.click("#pause")
+            wait(page, "the gap", "() => window.ringstream.records().some(r => r.type === 'gap')")
+            wait(
+                page, "records after it", "() => window.ringstream.records().at(-1).type !== 'gap'"
+            )
+            recs = page.evaluate("() => window.ringstream.records()")
+            gaps = [i for i, r in enumerate(recs) if r["type"] == "gap"]
+            assert len(gaps) == 1
+            gap = recs[gaps[0]]
+            assert gap["reason"] == "history" and gap["after_id"] == last
+            assert recs[gaps[0] + 1]["id"] == gap["next_id"] > last + 300
+            # and the page shows it as a row of its own
+            page.click("#pause")
+            page.evaluate(
+                f"() => {{ document.querySelector('#viewport').scrollTop = {gaps[0]} * 22 - 100; }}"
+            )
+            row = page.locator("#rows .row.gap")
+            row.wait_for(timeout=30_000)
+            assert f"after_id={last}" in row.inner_text()
         finally:
             browser.close()
         assert errors == []

@@ -2,7 +2,8 @@
 
 Open always: /, /healthz, /readyz, /login, /logout, and the page's assets
 (/static/). /metrics wants
-auth.metrics_token (or _file) when one is set. Everything else wants a token (an
+auth.metrics_token (or _file) when one is set, as a bearer token or the
+cookie /login sets for it. Everything else wants a token (an
 `Authorization: Bearer` header, or the cookie /login sets) whose `allow`
 holds the route's action: subscribe (/events, /ws, /query), ingest
 (/ingest), reload (/-/reload).
@@ -42,6 +43,9 @@ from service.auth.tokens import TokenFile, TokenFileError
 log = logging.getLogger("ringstream.auth")
 
 COOKIE = "ringstream_token"
+# the metrics token's own cookie, so the page can chart /metrics when it has
+# a token of its own without handing that token to script
+METRICS_COOKIE = "ringstream_metrics_token"
 # RFC 6750's b64token, which every token here is (rs_... and JWTs): anything
 # else is refused before it is hashed or parsed
 TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/-]+=*")
@@ -149,6 +153,20 @@ def _error(
     )
 
 
+def _cookie(
+    resp: web.StreamResponse, name: str, value: str, request: web.Request, max_age: int | None
+) -> None:
+    resp.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+    )
+
+
 def bearer(request: web.Request) -> str | None:
     """The token a request carries: its Authorization header, else the cookie.
     An Authorization header of another scheme, or a token of characters no
@@ -234,7 +252,10 @@ class Authenticator(Collector):
         if want is None:
             return
         try:
-            token = bearer(request) if hdrs.AUTHORIZATION in request.headers else None
+            if hdrs.AUTHORIZATION in request.headers:
+                token = bearer(request)
+            else:
+                token = request.cookies.get(METRICS_COOKIE) or None
         except Refused:
             token = None
         got = hashlib.sha256((token or "").encode()).digest()
@@ -269,10 +290,11 @@ class Authenticator(Collector):
 
     async def login(self, request: web.Request) -> web.Response:
         """POST /login: the token (Authorization: Bearer, a form's `token` or a
-        JSON {"token": ...}) checked, then set as an HttpOnly cookie."""
-        if not self.on:
-            raise _error(web.HTTPNotFound, 'no login: auth.mode is "none"')
+        JSON {"token": ...}) checked, then set as an HttpOnly cookie. A
+        `metrics_token` field, checked against auth.metrics_token, gets a
+        cookie of its own that only /metrics reads."""
         token: str | None = None
+        fields: Mapping[str, Any] = {}
         if hdrs.AUTHORIZATION in request.headers:
             try:
                 token = bearer(request)
@@ -283,9 +305,15 @@ class Authenticator(Collector):
                 body = orjson.loads(await request.read())
             except orjson.JSONDecodeError:
                 body = None
-            token = body.get("token") if isinstance(body, dict) else None
+            fields = body if isinstance(body, dict) else {}
         else:
-            token = (await request.post()).get("token")  # type: ignore[assignment]
+            fields = await request.post()
+        token = token or fields.get("token")
+        mtoken = fields.get("metrics_token")
+        if mtoken and not token:
+            return self._metrics_login(request, mtoken)
+        if not self.on:
+            raise _error(web.HTTPNotFound, 'no login: auth.mode is "none"')
         if not isinstance(token, str) or not token:
             raise self._unauthorized(
                 Refused("missing", "no token: send it as a bearer token or a `token` field"),
@@ -299,24 +327,33 @@ class Authenticator(Collector):
         self.accepted[p.name if p.kind == "token" else "jwt"] += 1
         resp = web.json_response({"name": p.name, "expires": p.expires, **p.scope.describe()})
         max_age = None if p.expires is None else max(0, int(p.expires - time.time()))
-        resp.set_cookie(
-            COOKIE,
-            token,
-            max_age=max_age,
-            path="/",
-            httponly=True,
-            samesite="Strict",
-            secure=request.secure,
-        )
+        _cookie(resp, COOKIE, token, request, max_age)
         log.info(
             "logged in",
             extra={"event": "auth_login", "token": p.name, "peer": request.remote},
         )
         return resp
 
+    def _metrics_login(self, request: web.Request, token: Any) -> web.Response:
+        want = self.keys.metrics_hash
+        if want is None:
+            raise _error(web.HTTPNotFound, "no metrics login: auth.metrics_token is not set")
+        ok = isinstance(token, str) and len(token) <= 16384 and TOKEN_CHARS.fullmatch(token)
+        got = hashlib.sha256(token.encode() if ok else b"").digest()
+        if not ok or not hmac.compare_digest(got, want):
+            r = Refused("metrics", "metrics_token: not the metrics token (auth.metrics_token)")
+            raise self._unauthorized(r, request, True)
+        resp = web.json_response({"name": "metrics"})
+        _cookie(resp, METRICS_COOKIE, token, request, None)
+        log.info(
+            "logged in", extra={"event": "auth_login", "token": "metrics", "peer": request.remote}
+        )
+        return resp
+
     async def logout(self, request: web.Request) -> web.Response:
         resp = web.Response(status=204)
         resp.del_cookie(COOKIE, path="/")
+        resp.del_cookie(METRICS_COOKIE, path="/")
         return resp
 
     def collect(self) -> Iterator[Metric]:

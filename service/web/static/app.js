@@ -189,7 +189,11 @@ async function poll() {
     const rings = [`<div>user ring: <span id="ring-used" data-bytes="${q.avail_data}">${bytes(q.avail_data)}</span> of
       <span id="ring-size" data-bytes="${q.ring_size}">${bytes(q.ring_size)}</span> · epoch ${esc(q.epoch)}</div>
       <div class="gauge"><div style="width:${(100 * q.avail_data / q.ring_size).toFixed(1)}%"></div></div>`];
-    if (mr.status !== 200) { $("#ring-list").innerHTML = rings.join("") + '<div class="dim">/metrics needs the metrics token</div>'; return; }
+    if (mr.status !== 200) {
+      $("#ring-list").innerHTML = rings.join("") + '<div class="dim">/metrics needs the metrics token</div>';
+      $("#metrics-login").hidden = mr.status !== 401;
+      return;
+    }
     const m = parseMetrics(await mr.text()), p = st.prev, now = Date.now() / 1000;
     for (const s of m.ringstream_kernel_ring_size_bytes || []) {
       const used = sum(m, "ringstream_kernel_ring_available_bytes", (l) => l.source === s.labels.source);
@@ -260,6 +264,12 @@ function start() {
     const r = await fetch("login", { method: "POST", body: new URLSearchParams({ token: $("#token").value }) });
     if (r.status !== 200) { error("login refused"); return; }
     $("#login").hidden = true; error(""); connect(); poll();
+  });
+  $("#metrics-login").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const r = await fetch("login", { method: "POST", body: new URLSearchParams({ metrics_token: $("#metrics-token").value }) });
+    if (r.status !== 200) { error("metrics token refused"); return; }
+    $("#metrics-login").hidden = true; error(""); poll();
   });
   // for tests and the curious: what the page has received
   window.ringstream = { ids: () => st.records.filter((r) => typeof r.id === "number" && r.type !== "gap").map((r) => r.id),
