@@ -22,6 +22,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -188,6 +189,7 @@ class Service:
         "_attach",
         "_kernel_sources",
         "_http",
+        "_forward",
         "_consumer",
         "_workers",
         "_reloads",
@@ -331,6 +333,34 @@ class Service:
             yield
         finally:
             self.kernel.close()
+
+    async def _forward(self) -> AsyncIterator[None]:
+        """forward.urls: every record also to NATS JetStream (service/forward/).
+        Left after the consumer has drained, so what it drained goes too."""
+        cfg = self.cfg["forward"]
+        self.forwarder = None
+        if not cfg["urls"]:
+            yield
+            return
+        from service.forward.edge import ForwardConfigError, Forwarder
+
+        try:
+            fwd = Forwarder(
+                cfg,
+                host=cfg["host"] or socket.gethostname(),
+                epoch=self.state.epoch,
+                type_names={0: "raw", **{s.type_id: s.name for s in self.schemas}},
+            )
+            await fwd.start()
+        except ForwardConfigError as e:
+            raise StartupError(str(e)) from None
+        self.forwarder = self.state.forwarder = fwd
+        self.registry.register(fwd)
+        self.hub.taps.append(fwd.offer)
+        try:
+            yield
+        finally:
+            await fwd.stop(max(time.monotonic(), self.deadline - 0.5))
 
     async def _http(self) -> AsyncIterator[None]:
         """The HTTP server; at stop, the streams end (flushed, WebSockets 1001) first."""

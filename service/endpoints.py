@@ -73,6 +73,7 @@ class State:
     # every start, so an id means something only with its epoch
     epoch: str = field(default_factory=lambda: secrets.token_hex(4))
     auth: Authenticator | None = None  # set by app.py with the HTTP server
+    forwarder: Any = None  # service.forward.edge.Forwarder, when forward.urls is set
 
 
 # why a stream ended that its client must be told of: the last thing it gets
@@ -378,6 +379,8 @@ async def query(request: web.Request) -> web.Response:
     q = st.ring.query()
     body: dict[str, Any] = {name: getattr(q, name) for name in type(q).__match_args__}
     body["epoch"] = st.epoch
+    if st.forwarder is not None:
+        body["forward"] = st.forwarder.status()
     return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import count
 from typing import Any
@@ -340,6 +340,9 @@ class Hub:
         self.budget_dropped = 0  # of `dropped`: records dropped to keep the budget
         self.queued_bytes = 0  # all queues together, as of the last publish
         self._ids = count(1)
+        # called with every published batch, after the subscribers (the
+        # forwarder): each must return at once, never wait
+        self.taps: list[Callable[[Batch], None]] = []
 
     def publish(self, batch: Batch) -> None:
         self.history.append(batch)
@@ -362,6 +365,8 @@ class Hub:
         if self.budget_bytes and total > self.budget_bytes:
             total = self._keep_budget(total)
         self.queued_bytes = total
+        for tap in self.taps:
+            tap(batch)
 
     def _keep_budget(self, total: int) -> int:
         """Bring the queues back within the budget, the biggest laggards first.

@@ -151,6 +151,46 @@ def _token_hash(value: object, key: str) -> str:
     return value
 
 
+_NATS_URL = re.compile(r"(nats|tls|ws|wss)://([^/@\s]+@)?[A-Za-z0-9._\[\]:-]+(:\d{1,5})?/?")
+
+
+def _nats_urls(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _fail(key, 'must be a list of NATS URLs such as ["nats://host:4222"]', value)
+    for i, v in enumerate(value):
+        if not isinstance(v, str) or not _NATS_URL.fullmatch(v):
+            raise _fail(
+                f"{key}[{i}]",
+                'must be a NATS URL such as "nats://host:4222" (nats://, tls://, ws:// or wss://)',
+                v,
+            )
+    return tuple(value)
+
+
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _subject_token(value: object, key: str) -> str:
+    if not isinstance(value, str) or (value and not _SUBJECT_TOKEN.fullmatch(value)):
+        raise _fail(key, 'must be "" or a NATS subject token (letters, digits, _ and -)', value)
+    return value
+
+
+def _subject(value: object, key: str) -> str:
+    ok = isinstance(value, str) and value.startswith("ringstream.")
+    ok = ok and all(
+        t in ("{host}", "{type}") or _SUBJECT_TOKEN.fullmatch(t) for t in value.split(".")
+    )
+    if not ok or "{type}" not in value:
+        raise _fail(
+            key,
+            'must be a subject under "ringstream." with {type} (and {host}) as tokens, '
+            'such as "ringstream.{host}.{type}"',
+            value,
+        )
+    return value
+
+
 # section -> key -> checker; the keys of config/default.toml, all of them
 SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "server": {
@@ -212,6 +252,25 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
         "jwt_leeway": _seconds(),
         "metrics_token": _token_hash,
         "metrics_token_file": _str,
+    },
+    "forward": {
+        "urls": _nats_urls,
+        "stream": _subject_token,
+        "replicas": _int(1, 5),
+        "subject": _subject,
+        "host": _subject_token,
+        "buffer_bytes": parse_size,
+        "max_inflight": _int(1, 1_000_000),
+        "ack_timeout": _seconds(positive=True),
+        "creds_file": _str,
+        "user": _str,
+        "password": _str,
+        "password_file": _str,
+        "token": _str,
+        "token_file": _str,
+        "tls_ca": _str,
+        "tls_cert": _str,
+        "tls_key": _str,
     },
     "log": {
         "format": _choice("json", "plain"),

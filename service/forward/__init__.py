@@ -1,0 +1,1 @@
+"""Forwarding to NATS JetStream (the edge) and serving from it (the hub)."""

@@ -1,0 +1,521 @@
+"""The edge: every record the hub publishes, forwarded to a JetStream stream
+and counted as forwarded only when its PubAck has come back.
+
+    consumer -> Hub.publish -> offer()            (a deque append: never waits)
+                                 |
+           queue: not sent yet, oldest first      in flight: sent, no PubAck yet
+           [r9 r10 r11 ...]   -- sender task -->  {n: record}, <= max_inflight and
+                   ^                               <= half of buffer_bytes
+                   '-- back to the front after a disconnect or a late ack --'
+                                 |
+           PubAck on <inbox>.<n>: record n leaves, forwarded
+
+Each record gets a forward number n; its reply subject ends in n, so an ack
+names its record, in whatever order acks come. After a disconnect, or when
+an ack is later than ack_timeout, what was in flight goes back to the front
+of the queue and is sent again with the same Nats-Msg-Id: JetStream drops
+the copy within its duplicate_window and says so ("duplicate": true). A
+record leaves the in-flight set at its first ack, so each counts once.
+
+Nats-Msg-Id is "<host>-<epoch>-<id>": the epoch is new on every start, so
+a run never reuses an id of an earlier one while ids start again at 0.
+
+When the queue and the in-flight records together pass buffer_bytes, the
+oldest unsent records are dropped and counted (never one in flight, which
+may land: the count would lie). The next record sent carries
+`Ringstream-Lost: <n>`, and keeps it when sent again; if it is dropped too,
+its count passes on to the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import orjson
+from nats.js.api import StreamConfig
+from nats.js.errors import NotFoundError
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from service.batch import Batch
+from service.forward import wire
+
+log = logging.getLogger("ringstream.forward")
+
+STREAM_SUBJECTS = "ringstream.>"
+CHUNK = 1000  # records per write
+
+
+class ForwardConfigError(Exception):
+    """The stream exists with a config that forward.* does not match."""
+
+
+@dataclass(slots=True)
+class _Rec:
+    n: int
+    subject: bytes
+    id: int
+    line: bytes
+    ts_ns: int
+    lost: int = 0  # records dropped before this one (its Ringstream-Lost)
+    sent_at: float = 0.0  # monotonic
+
+
+def _connect_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if cfg["creds_file"]:
+        opts["user_credentials"] = cfg["creds_file"]
+    if cfg["user"]:
+        opts["user"] = cfg["user"]
+    password = cfg["password"]
+    if cfg["password_file"]:
+        password = _read_secret(cfg["password_file"], "forward.password_file")
+    if password:
+        opts["password"] = password
+    token = cfg["token"]
+    if cfg["token_file"]:
+        token = _read_secret(cfg["token_file"], "forward.token_file")
+    if token:
+        opts["token"] = token
+    if cfg["tls_ca"] or cfg["tls_cert"] or any(u.startswith(("tls:", "wss:")) for u in cfg["urls"]):
+        ctx = ssl.create_default_context(cafile=cfg["tls_ca"] or None)
+        if cfg["tls_cert"]:
+            ctx.load_cert_chain(cfg["tls_cert"], cfg["tls_key"] or None)
+        opts["tls"] = ctx
+    return opts
+
+
+def _read_secret(path: str, key: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise ForwardConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+
+
+class Forwarder:
+    """Start with `start()` (connects in the background, retrying), offer
+    every published batch with `offer()`, stop with `stop(deadline)`."""
+
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        *,
+        host: str,
+        epoch: str,
+        type_names: Mapping[int, str],
+    ) -> None:
+        self.cfg = cfg
+        self.host = wire.subject_token(host)
+        self.epoch = epoch
+        self.stream = cfg["stream"]
+        self.options = _connect_options(cfg)
+        base = cfg["subject"].replace("{host}", self.host)
+        self._subjects = {
+            tid: base.replace("{type}", wire.subject_token(name)).encode()
+            for tid, name in type_names.items()
+        }
+        self._raw_subject = base.replace("{type}", "raw").encode()
+        self.msgid_prefix = f"{self.host}-{epoch}-".encode()
+        self.buffer_limit = cfg["buffer_bytes"]
+        self.max_inflight = cfg["max_inflight"]
+        self.ack_timeout = cfg["ack_timeout"]
+        self.queue: deque[_Rec] = deque()
+        self.inflight: dict[int, _Rec] = {}  # in the order sent
+        self.queued_bytes = 0
+        self.inflight_bytes = 0
+        self.inflight_limit = max(1, self.buffer_limit // 2)
+        self._n = 0
+        self.lost_unreported = 0
+        # counters
+        self.offered = 0
+        self.forwarded = 0
+        self.duplicates = 0
+        self.dropped = 0
+        self.retries = 0
+        self.errors = 0
+        self.reconnects = 0
+        self.nc: Any = None
+        self.connected = False
+        self.state = "connecting"  # connecting | connected | disconnected | stopped | failed
+        self.failure: str | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._reply_prefix = b""
+        self._nak_logged = 0.0
+
+    # --- the consumer's side: never waits ------------------------------------
+
+    def offer(self, batch: Batch) -> None:
+        subjects, raw = self._subjects, self._raw_subject
+        q = self.queue
+        n = self._n
+        for line, rid, ts, tid in zip(
+            batch.lines, batch.positions, batch.ts_ns, batch.types, strict=True
+        ):
+            q.append(_Rec(n, subjects.get(tid, raw), rid, line, ts))
+            n += 1
+        self._n = n
+        self.offered += len(batch)
+        self.queued_bytes += batch.nbytes
+        if self.queued_bytes + self.inflight_bytes > self.buffer_limit:
+            self._drop_oldest()
+        self._wake.set()
+
+    def _drop_oldest(self) -> None:
+        q, dropped = self.queue, 0
+        while q and self.queued_bytes + self.inflight_bytes > self.buffer_limit:
+            rec = q.popleft()
+            self.queued_bytes -= len(rec.line)
+            self.lost_unreported += 1 + rec.lost
+            dropped += 1
+        self.dropped += dropped
+
+    @property
+    def unacked(self) -> int:
+        return len(self.queue) + len(self.inflight)
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.queued_bytes + self.inflight_bytes
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def start(self, connect_timeout: float = 2.0) -> None:
+        """Connects, making or checking the stream. Unreachable: logged, and
+        retried in the background (the service serves locally meanwhile). A
+        stream that does not match forward.*: ForwardConfigError."""
+        try:
+            await asyncio.wait_for(self._connect(), connect_timeout)
+        except ForwardConfigError:
+            raise
+        except Exception as e:  # any failure to reach NATS is retried
+            self._unreachable(e)
+            self._tasks.append(asyncio.create_task(self._retry_connect(), name="forward-connect"))
+        self._tasks.append(asyncio.create_task(self._send_loop(), name="forward-send"))
+        self._tasks.append(asyncio.create_task(self._ack_timer(), name="forward-timer"))
+
+    def _unreachable(self, e: BaseException) -> None:
+        why = str(e) or type(e).__name__
+        log.warning(
+            "NATS unreachable; forwarding retries, local streaming goes on",
+            extra={"event": "forward_unreachable", "urls": list(self.cfg["urls"]), "error": why},
+        )
+
+    async def _retry_connect(self) -> None:
+        delay = 0.5
+        while self.nc is None:
+            await asyncio.sleep(delay)
+            delay = min(10.0, delay * 2)
+            try:
+                await asyncio.wait_for(self._connect(), 10)
+            except ForwardConfigError as e:
+                self.state, self.failure = "failed", str(e)
+                log.error(str(e), extra={"event": "forward_failed"})
+                return
+            except Exception as e:
+                if delay >= 10.0:
+                    self._unreachable(e)
+                continue
+
+    async def _connect(self) -> None:
+        nc = await nats.connect(
+            servers=list(self.cfg["urls"]),
+            name=f"ringstream-edge {self.host}",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=2,
+            pending_size=64 * 1024 * 1024,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect,
+            **self.options,
+        )
+        try:
+            await self._check_stream(nc)
+            prefix = nc.new_inbox()
+            await nc.subscribe(
+                prefix + ".*",
+                cb=self._on_ack,
+                pending_msgs_limit=4 * self.max_inflight + 1000,
+                pending_bytes_limit=-1,
+            )
+        except BaseException:
+            await nc.close()
+            raise
+        self._reply_prefix = prefix.encode() + b"."
+        self.nc = nc
+        self.connected = True
+        self.state = "connected"
+        log.info(
+            "forwarding to NATS",
+            extra={
+                "event": "forward_connected",
+                "server": nc.connected_url.netloc if nc.connected_url else None,
+                "stream": self.stream,
+            },
+        )
+        self._wake.set()
+
+    async def _check_stream(self, nc: Any) -> None:
+        js = nc.jetstream()
+        replicas = self.cfg["replicas"]
+        try:
+            info = await js.stream_info(self.stream)
+        except NotFoundError:
+            await js.add_stream(
+                StreamConfig(name=self.stream, subjects=[STREAM_SUBJECTS], num_replicas=replicas)
+            )
+            log.info(
+                "stream created",
+                extra={
+                    "event": "forward_stream_created",
+                    "stream": self.stream,
+                    "replicas": replicas,
+                },
+            )
+            return
+        c = info.config
+        problems = []
+        if STREAM_SUBJECTS not in (c.subjects or []):
+            problems.append(f"subjects {c.subjects} (forward wants {STREAM_SUBJECTS!r} among them)")
+        if (c.num_replicas or 1) != replicas:
+            problems.append(f"{c.num_replicas} replicas (forward.replicas = {replicas})")
+        if problems:
+            raise ForwardConfigError(
+                f"forward.stream: the stream {self.stream!r} exists with " + " and ".join(problems)
+            )
+
+    async def stop(self, deadline: float) -> None:
+        """Forward what is buffered until `deadline` (monotonic), then stop."""
+        while self.unacked and self.connected and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.02)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        left = self.unacked
+        self.state = "stopped"
+        self.connected = False  # the disconnect that closing brings is no news
+        log.info(
+            "forwarding stopped",
+            extra={
+                "event": "forward_stopped",
+                "forwarded": self.forwarded,
+                "duplicates": self.duplicates,
+                "dropped": self.dropped,
+                "unforwarded": left,
+            },
+        )
+        if self.nc is not None:
+            nc, self.nc = self.nc, None
+            with contextlib.suppress(Exception):  # closing: nothing left to save
+                await asyncio.wait_for(nc.close(), 2)
+
+    # --- nats-py's callbacks --------------------------------------------------
+
+    async def _on_error(self, e: Exception) -> None:
+        log.info("NATS connection error", extra={"event": "forward_error", "error": str(e)})
+
+    async def _on_disconnect(self) -> None:
+        if self.connected:
+            self.connected = False
+            self.state = "disconnected"
+            # no ack comes on a dead connection: the oldest go first again,
+            # and are the first dropped if the outage fills the buffer
+            self._resend()
+            log.warning("NATS disconnected", extra={"event": "forward_disconnected"})
+
+    async def _on_reconnect(self) -> None:
+        self.connected = True
+        self.state = "connected"
+        self.reconnects += 1
+        # whatever was in flight may or may not have landed: all of it again
+        self._resend()
+        url = self.nc.connected_url if self.nc is not None else None
+        log.info(
+            "NATS reconnected",
+            extra={"event": "forward_reconnected", "server": url.netloc if url else None},
+        )
+        self._wake.set()
+
+    async def _on_ack(self, msg: Any) -> None:
+        subject = msg.subject
+        n = int(subject[subject.rfind(".") + 1 :])
+        rec = self.inflight.get(n)
+        if rec is None:
+            return  # acked already (a record sent twice), or sent again since
+        data = msg.data
+        if b'"error"' in data or b'"seq"' not in data:
+            # not a PubAck: an error, or a status such as 503 "no responders"
+            # (no stream leader, mid-election), which is empty but for a header
+            self.errors += 1
+            self._nak(msg)
+            return  # the ack timer sends it again
+        del self.inflight[n]
+        self.inflight_bytes -= len(rec.line)
+        self.forwarded += 1
+        if b'"duplicate":true' in data:
+            self.duplicates += 1
+        if self.queue and len(self.inflight) < self.max_inflight:
+            self._wake.set()
+
+    def _nak(self, msg: Any) -> None:
+        now = time.monotonic()
+        if now - self._nak_logged < 1.0:
+            return  # an election answers thousands of records at once: once a second
+        self._nak_logged = now
+        try:
+            why = orjson.loads(msg.data)["error"].get("description")
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            status = (msg.headers or {}).get("Status")
+            why = f"status {status}" if status else msg.data[:200].decode(errors="replace")
+        log.info("not acknowledged; sent again", extra={"event": "forward_nak", "error": why})
+
+    # --- sending -----------------------------------------------------------------
+
+    def _resend(self) -> None:
+        recs = list(self.inflight.values())
+        if not recs:
+            return
+        recs.sort(key=lambda r: r.n)
+        self.inflight.clear()
+        self.queue.extendleft(reversed(recs))
+        moved = sum(len(r.line) for r in recs)
+        self.inflight_bytes -= moved
+        self.queued_bytes += moved
+        self.retries += len(recs)
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.connected and self.nc is not None and self.queue:
+                room = self.max_inflight - len(self.inflight)
+                if room <= 0 or self.inflight_bytes >= self.inflight_limit:
+                    break
+                await self._send(min(CHUNK, room))
+                await asyncio.sleep(0)  # the consumer and the subscribers first
+
+    async def _send(self, most: int) -> None:
+        q, inflight = self.queue, self.inflight
+        subjects, ids, lines, numbers = [], [], [], []
+        lost: dict[int, int] = {}
+        now = time.monotonic()
+        nbytes = 0
+        limit = self.inflight_limit
+        while q and len(numbers) < most and (self.inflight_bytes + nbytes < limit or not inflight):
+            rec = q.popleft()
+            if self.lost_unreported:
+                rec.lost += self.lost_unreported
+                self.lost_unreported = 0
+            if rec.lost:
+                lost[rec.n] = rec.lost
+            rec.sent_at = now
+            inflight[rec.n] = rec
+            nbytes += len(rec.line)
+            numbers.append(rec.n)
+            subjects.append(rec.subject)
+            ids.append(rec.id)
+            lines.append(rec.line)
+        self.queued_bytes -= nbytes
+        self.inflight_bytes += nbytes
+        data = wire.frames(
+            subjects, self._reply_prefix, numbers, self.msgid_prefix, ids, lines, lost
+        )
+        try:
+            await wire.write(self.nc, data)
+        except Exception as e:  # a dead connection: the disconnect sends it again
+            log.info("NATS write failed", extra={"event": "forward_error", "error": str(e)})
+
+    async def _ack_timer(self) -> None:
+        """Records whose ack is later than ack_timeout are sent again."""
+        while True:
+            await asyncio.sleep(min(1.0, self.ack_timeout / 4))
+            oldest = next(iter(self.inflight.values()), None)
+            if (
+                self.connected
+                and oldest is not None
+                and time.monotonic() - oldest.sent_at > self.ack_timeout
+            ):
+                log.info(
+                    "acks late; sending again",
+                    extra={"event": "forward_retry", "records": len(self.inflight)},
+                )
+                self._resend()
+                self._wake.set()
+
+    # --- what it reports ----------------------------------------------------------
+
+    def lag_seconds(self) -> float:
+        oldest = next(iter(self.inflight.values()), None) or (self.queue[0] if self.queue else None)
+        if oldest is None:
+            return 0.0
+        return max(0.0, time.time() - oldest.ts_ns / 1e9)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "failure": self.failure,
+            "server": self.nc.connected_url.netloc
+            if self.nc is not None and self.nc.connected_url
+            else None,
+            "stream": self.stream,
+            "forwarded": self.forwarded,
+            "duplicates": self.duplicates,
+            "dropped": self.dropped,
+            "retries": self.retries,
+            "buffer_bytes": self.buffer_bytes,
+            "in_flight": len(self.inflight),
+            "lag_records": self.unacked,
+            "lag_seconds": round(self.lag_seconds(), 3),
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        c = CounterMetricFamily(
+            "ringstream_forward_records",
+            "Records offered to JetStream, by outcome: forwarded (acknowledged: in the "
+            "stream), dropped (the buffer full, never acknowledged)",
+            labels=["outcome"],
+        )
+        c.add_metric(["forwarded"], self.forwarded)
+        c.add_metric(["dropped"], self.dropped)
+        yield c
+        yield CounterMetricFamily(
+            "ringstream_forward_duplicates",
+            "PubAcks saying a record was in the stream already (sent again, dropped by Msg-Id)",
+            value=self.duplicates,
+        )
+        yield CounterMetricFamily(
+            "ringstream_forward_retries",
+            "Records sent again (after a reconnect or a late ack)",
+            value=self.retries,
+        )
+        yield CounterMetricFamily(
+            "ringstream_forward_errors", "PubAcks that were errors", value=self.errors
+        )
+        yield CounterMetricFamily(
+            "ringstream_forward_reconnects", "Reconnects to NATS", value=self.reconnects
+        )
+        for name, doc, value in (
+            ("buffer_bytes", "Bytes of records not yet acknowledged", self.buffer_bytes),
+            ("buffer_limit_bytes", "forward.buffer_bytes", self.buffer_limit),
+            (
+                "inflight_records",
+                "Records sent and awaiting their PubAck",
+                len(self.inflight),
+            ),
+            ("connected", "1 while connected to NATS", int(self.connected)),
+            ("lag_records", "Records offered and not yet acknowledged", self.unacked),
+            ("lag_seconds", "Age of the oldest unacknowledged record", self.lag_seconds()),
+        ):
+            yield GaugeMetricFamily(f"ringstream_forward_{name}", doc, value=value)
