@@ -532,7 +532,9 @@ class Service:
 
 def _redirect(to: str) -> Callable[[web.Request], Any]:
     async def handler(request: web.Request) -> web.Response:
-        raise web.HTTPPermanentRedirect(to)
+        # a shared link's filter survives the redirect
+        qs = request.query_string
+        raise web.HTTPPermanentRedirect(f"{to}?{qs}" if qs else to)
 
     return handler
 

@@ -120,16 +120,21 @@ def _id(value: str, name: str, epoch: str | None) -> tuple[str | None, int]:
 
 def _resume(st: State, request: web.Request) -> tuple[int | None, str | None]:
     """(the id to resume after, the epoch it is from if not this run's), from
-    Last-Event-ID, ?last_event_id= or ?from= (inclusive), and ?epoch=."""
+    Last-Event-ID, ?last_event_id= or ?from= (inclusive), and ?epoch=.
+
+    The header wins: an EventSource reconnects to its first URL, query and
+    all, with Last-Event-ID saying how far it got since; the query's
+    position would replay from the start every time."""
     q = request.query
     epoch = _epoch(q["epoch"], "epoch") if "epoch" in q else None
-    if "from" in q:
+    after: int | None
+    if "Last-Event-ID" in request.headers:
+        epoch, after = _id(request.headers["Last-Event-ID"], "Last-Event-ID", epoch)
+    elif "from" in q:
         epoch, n = _id(q["from"], "from", epoch)
-        after: int | None = n - 1
+        after = n - 1
     elif "last_event_id" in q:
         epoch, after = _id(q["last_event_id"], "last_event_id", epoch)
-    elif "Last-Event-ID" in request.headers:
-        epoch, after = _id(request.headers["Last-Event-ID"], "Last-Event-ID", epoch)
     else:
         return None, None
     return after, (epoch if epoch not in (None, st.epoch) else None)
@@ -417,7 +422,7 @@ async def landing(request: web.Request) -> web.Response:
     page = request.app[PAGE]
     if page.wants(request):
         return page.page(request)
-    return web.Response(text=LANDING)
+    return web.Response(text=LANDING, headers={"Vary": "Accept"})
 
 
 def make_app(st: State, middlewares: Sequence[Any] = ()) -> web.Application:

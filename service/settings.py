@@ -176,6 +176,12 @@ def _subject_token(value: object, key: str) -> str:
     return value
 
 
+def _stream_name(value: object, key: str) -> str:
+    if not isinstance(value, str) or not _SUBJECT_TOKEN.fullmatch(value):
+        raise _fail(key, "must be a JetStream stream name (letters, digits, _ and -)", value)
+    return value
+
+
 def _subject(value: object, key: str) -> str:
     ok = isinstance(value, str) and value.startswith("ringstream.")
     ok = ok and all(
@@ -255,7 +261,7 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     },
     "forward": {
         "urls": _nats_urls,
-        "stream": _subject_token,
+        "stream": _stream_name,
         "replicas": _int(1, 5),
         "subject": _subject,
         "host": _subject_token,

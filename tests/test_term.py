@@ -191,3 +191,64 @@ def test_top_draws_the_service_refreshes_and_quits_on_q(tmp_path: Path, tmux: st
         finally:
             reader.kill()
             reader.wait()
+
+
+def test_tail_takes_a_record_typed_end_huge_records_and_escapes_controls(tmp_path: Path) -> None:
+    """A record is data whatever its type: an ingested {"type": "end"} does
+    not end tail. A record past aiohttp's line limit (here 700 KB) comes
+    whole. The coloured view shows a value's control characters escaped."""
+    import io
+
+    from rich.console import Console
+
+    from service.term.tail import PrettyOut
+
+    config = BASE_CONFIG + '\n[ingest]\nenabled = true\nmax_body = "2MiB"\n'
+    config = config.replace('size = "1MiB"', 'size = "4MiB"')
+    with Service(tmp_path, config) as svc:
+        proc = subprocess.Popen(
+            cli("tail", f"127.0.0.1:{svc.port}", "--type", "end,big,after"),
+            stdout=subprocess.PIPE,
+            env=ENV,
+        )
+        assert proc.stdout is not None
+        try:
+
+            def ingest(rec: dict[str, object]) -> None:
+                r = subprocess.run(
+                    [
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--data-binary",
+                        "@-",
+                        svc.url("/ingest"),
+                    ],
+                    input=orjson.dumps(rec),
+                    capture_output=True,
+                    timeout=30,
+                )
+                assert r.stdout == b"200", r.stdout
+
+            wait_for_tail = time.monotonic() + 30
+            while not [e for e in svc.logs if e.get("event") == "subscriber_connect"]:
+                assert time.monotonic() < wait_for_tail, svc.tail()
+                time.sleep(0.05)
+            ingest({"type": "end", "reason": "not really"})
+            ingest({"type": "big", "blob": "x" * 700_000})
+            ingest({"type": "after", "n": 1})
+            got = [orjson.loads(proc.stdout.readline()) for _ in range(3)]
+            assert [r["type"] for r in got] == ["end", "big", "after"]
+            assert len(got[1]["blob"]) == 700_000
+            assert proc.poll() is None  # still following
+        finally:
+            proc.kill()
+            proc.wait()
+    buf = io.StringIO()
+    out = PrettyOut(Console(file=buf, force_terminal=True, width=200), ["comm"])
+    out.record(b"", {"id": 1, "type": "exec", "comm": "\x1b]0;PWNED\x07\x1b[31m"})
+    text = buf.getvalue()
+    assert "\x1b]0;" not in text and "\\x1b]0;PWNED\\x07\\x1b[31m" in text

@@ -6,13 +6,15 @@ errors, a screenshot that is not blank. And the assets' headers, by curl."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from servicectl import BASE_CONFIG, Service, get_json, http_get, parse_metrics
+import orjson
+from servicectl import BASE_CONFIG, Service, free_port, get_json, http_get, parse_metrics
 
 CHROMIUM = shutil.which("chromium")
 CONFIG = (
@@ -245,4 +247,134 @@ def test_over_sse_the_page_resumes_and_marks_what_history_no_longer_has(tmp_path
         finally:
             browser.close()
         assert errors == []
+        assert svc.errors() == []
+
+
+def test_the_page_comes_back_after_a_restart_and_never_streams_twice(tmp_path: Path) -> None:
+    """Over WebSocket: the service stops and starts again on its port; the
+    page reconnects by itself, with the restart's gap row. Two submits at
+    once open one stream, not two (no id twice). An ingested record typed
+    "end" is a record like any other."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium (Debian package chromium) is needed: scripts/setup --test"
+    port = str(free_port())
+    config = CONFIG + "\n[ingest]\nenabled = true\n"
+    first = Service(tmp_path, config, "--port", port)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(first.url("/"))
+            wait(page, "records", "() => window.ringstream.ids().length >= 20")
+            # two submits before the first has connected
+            page.evaluate(
+                "() => { const f = document.querySelector('#filter-form');"
+                " f.requestSubmit(); f.requestSubmit(); }"
+            )
+            wait(page, "records again", "() => window.ringstream.ids().length >= 100")
+            ids = page.evaluate("() => window.ringstream.ids()")
+            assert len(ids) == len(set(ids)), "a record shown twice"
+            subs = parse_metrics(http_get(first.url("/metrics"))[1].decode())
+            assert subs['ringstream_subscribers{transport="ws"}'] == 1
+            r = subprocess.run(
+                ["curl", "-s", "-d", '{"type": "end", "reason": "data"}', first.url("/ingest")],
+                capture_output=True,
+                timeout=30,
+            )
+            assert b'"accepted":1' in r.stdout
+            wait(
+                page,
+                "the end record",
+                "() => window.ringstream.ids().length > 0 && "
+                "window.ringstream.records().some(r => r.type === 'end' && r.reason === 'data')",
+            )
+            n = len(page.evaluate("() => window.ringstream.ids()"))
+            wait(page, "records after it", f"() => window.ringstream.ids().length >= {n + 20}")
+            # a restart on the same port: down for a while, then back
+            assert first.terminate() == 0
+            first.close()
+            page.wait_for_function(
+                "() => document.querySelector('#status').textContent !== 'live'", timeout=30_000
+            )
+            (tmp_path / "again").mkdir()
+            with Service(tmp_path / "again", config, "--port", port) as second:
+                wait(
+                    page,
+                    "the restart's gap",
+                    "() => window.ringstream.records()"
+                    ".some(r => r.type === 'gap' && r.reason === 'restart')",
+                )
+                n = len(page.evaluate("() => window.ringstream.ids()"))
+                wait(
+                    page,
+                    "the new run's records",
+                    f"() => window.ringstream.ids().length >= {n + 20}",
+                )
+                assert page.inner_text("#status") == "live"
+                assert second.errors() == []
+        finally:
+            browser.close()
+            first.close()
+    assert errors == []
+
+
+def test_resume_header_wins_redirects_keep_filters_and_caches_vary(tmp_path: Path) -> None:
+    """What a reverse proxy, a cache and a reconnecting EventSource need:
+    Last-Event-ID wins over the URL's own position (EventSource reconnects
+    to its first URL); /base?filter redirects with its filter; / varies by
+    Accept, and each encoding has its own ETag; cookies stay under base."""
+    token = "rs_" + "c" * 40
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    (tmp_path / "tokens.toml").write_text(f'[[token]]\nname = "c"\nsha256 = "{digest}"\n')
+    config = CONFIG + (
+        '\n[server]\nbase_path = "/rs"\n'
+        f'[auth]\nmode = "token"\ntokens_file = "{tmp_path}/tokens.toml"\n'
+    )
+    with Service(tmp_path, config) as svc:
+        auth = ("-H", f"Authorization: Bearer {token}")
+
+        def curl(*args: str) -> str:
+            r = subprocess.run(["curl", "-s", *args], capture_output=True, text=True, timeout=30)
+            return r.stdout
+
+        ids = [
+            orjson.loads(x)["id"]
+            for x in curl(*auth, "-m", "3", svc.url("/rs/events?from=0")).splitlines()
+            if x.startswith("{")
+        ]
+        assert len(ids) > 10
+        got = curl(
+            *auth,
+            "-m",
+            "2",
+            "-H",
+            f"Last-Event-ID: {ids[5]}",
+            svc.url(f"/rs/events?last_event_id={ids[1]}"),
+        ).splitlines()
+        assert orjson.loads(got[0])["id"] == ids[6]
+        head = curl("-o", "/dev/null", "-D", "-", svc.url("/rs?type=synthetic&transport=sse"))
+        assert "location: /rs/?type=synthetic&transport=sse" in head.lower()
+        text = curl("-D", "-", svc.url("/rs/")).lower()
+        assert "vary: accept" in text
+        html = curl("-o", "/dev/null", "-D", "-", "-H", "Accept: text/html", svc.url("/rs/"))
+        gz = curl(
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "-H",
+            "Accept: text/html",
+            "-H",
+            "Accept-Encoding: gzip",
+            svc.url("/rs/"),
+        )
+        tag = [x for x in html.lower().splitlines() if x.startswith("etag:")]
+        gztag = [x for x in gz.lower().splitlines() if x.startswith("etag:")]
+        assert tag and gztag and tag != gztag
+        assert "vary: accept, accept-encoding" in html.lower()
+        login = curl("-o", "/dev/null", "-D", "-", "-d", f"token={token}", svc.url("/rs/login"))
+        assert "path=/rs/" in login.lower()
         assert svc.errors() == []

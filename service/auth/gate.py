@@ -154,13 +154,18 @@ def _error(
 
 
 def _cookie(
-    resp: web.StreamResponse, name: str, value: str, request: web.Request, max_age: int | None
+    resp: web.StreamResponse,
+    name: str,
+    value: str,
+    request: web.Request,
+    max_age: int | None,
+    path: str,
 ) -> None:
     resp.set_cookie(
         name,
         value,
         max_age=max_age,
-        path="/",
+        path=path,
         httponly=True,
         samesite="Strict",
         secure=request.secure,
@@ -190,6 +195,8 @@ class Authenticator(Collector):
     def __init__(self, keys: Keys, base_path: str = "") -> None:
         self.keys = keys
         self.base = base_path  # server.base_path: the paths below are under it
+        # the cookies go only to this service's paths, not to the host's others
+        self.cookie_path = base_path + "/"
         self.failures: Counter[str] = Counter({r: 0 for r in REASONS})
         self.accepted: Counter[str] = Counter()
 
@@ -327,7 +334,7 @@ class Authenticator(Collector):
         self.accepted[p.name if p.kind == "token" else "jwt"] += 1
         resp = web.json_response({"name": p.name, "expires": p.expires, **p.scope.describe()})
         max_age = None if p.expires is None else max(0, int(p.expires - time.time()))
-        _cookie(resp, COOKIE, token, request, max_age)
+        _cookie(resp, COOKIE, token, request, max_age, self.cookie_path)
         log.info(
             "logged in",
             extra={"event": "auth_login", "token": p.name, "peer": request.remote},
@@ -344,7 +351,7 @@ class Authenticator(Collector):
             r = Refused("metrics", "metrics_token: not the metrics token (auth.metrics_token)")
             raise self._unauthorized(r, request, True)
         resp = web.json_response({"name": "metrics"})
-        _cookie(resp, METRICS_COOKIE, token, request, None)
+        _cookie(resp, METRICS_COOKIE, token, request, None, self.cookie_path)
         log.info(
             "logged in", extra={"event": "auth_login", "token": "metrics", "peer": request.remote}
         )
@@ -352,8 +359,9 @@ class Authenticator(Collector):
 
     async def logout(self, request: web.Request) -> web.Response:
         resp = web.Response(status=204)
-        resp.del_cookie(COOKIE, path="/")
-        resp.del_cookie(METRICS_COOKIE, path="/")
+        for name in (COOKIE, METRICS_COOKIE):
+            if name in request.cookies:
+                resp.del_cookie(name, path=self.cookie_path)
         return resp
 
     def collect(self) -> Iterator[Metric]:

@@ -22,9 +22,10 @@ import argparse
 import asyncio
 import hashlib
 import os
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TextIO
 from urllib.parse import urlencode
 
@@ -100,6 +101,15 @@ class JsonOut:
         (self.out or self.text).flush()
 
 
+# C0 and C1 controls (ESC, CSI, ...) from a record's values would reach the
+# terminal raw: any producer could retitle it, recolour it, or worse
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _safe(text: str) -> str:
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class PrettyOut:
     def __init__(self, console: Console, fields: Sequence[str] | None) -> None:
         self.console = console
@@ -109,11 +119,11 @@ class PrettyOut:
         return COLOURS[hashlib.blake2s(name.encode()).digest()[0] % len(COLOURS)]
 
     def record(self, line: bytes, rec: dict[str, Any]) -> None:
-        kind = str(rec.get("type", "?"))
+        kind = _safe(str(rec.get("type", "?")))
         t = Text(no_wrap=True, overflow="ellipsis")
-        if kind in ("gap", "end"):
+        if not isinstance(rec.get("id"), int):  # the service's marker: gap, end
             t.append(f" {kind} ", style="bold black on yellow")
-            t.append(" " + " ".join(f"{k}={v}" for k, v in rec.items() if k != "type"))
+            t.append(" " + _safe(" ".join(f"{k}={v}" for k, v in rec.items() if k != "type")))
             self.console.print(t)
             return
         ts = rec.get("ts_ns")
@@ -128,8 +138,8 @@ class PrettyOut:
             if value is None and name not in rec:
                 continue
             shown = value if isinstance(value, str) else orjson.dumps(value).decode()
-            t.append(f"{name}=", style="dim")
-            t.append(f"{shown} ")
+            t.append(f"{_safe(name)}=", style="dim")
+            t.append(f"{_safe(shown)} ")
         self.console.print(t)
 
     def flush(self) -> None:
@@ -168,19 +178,39 @@ async def _stream(
             note(f"connected again (epoch {epoch})")
         resume["retries"] = 0
         resume["backoff"] = BACKOFF_FIRST
-        async for line in resp.content:
-            rec = orjson.loads(line)
-            out.record(line, rec)
-            kind = rec.get("type")
-            if kind == "end":
-                out.flush()
-                raise Fatal(4, f"the server ended the stream: {rec.get('reason')}")
-            if kind != "gap" and isinstance(rec.get("id"), int):
-                resume["epoch"], resume["last"] = epoch, rec["id"]
-            if not getattr(resp.content, "_buffer", None):  # all that came: flush
-                out.flush()
+        async for chunk in _lines(resp.content):
+            for line in chunk:
+                rec = orjson.loads(line)
+                out.record(line, rec)
+                # a record has an id whatever its type; the service's markers none
+                rid = rec.get("id")
+                if isinstance(rid, int):
+                    resume["epoch"], resume["last"] = epoch, rid
+                elif rec.get("type") == "end":
+                    out.flush()
+                    raise Fatal(4, f"the server ended the stream: {rec.get('reason')}")
+            out.flush()  # all that came
         out.flush()
         return 0
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+    """The stream's lines, as many as each read brought: of any length (a
+    record can be megabytes, past aiohttp's line limit)."""
+    pieces: list[bytes] = []  # a line so far (a long one comes in many reads)
+    async for data in content.iter_any():
+        if b"\n" not in data:
+            pieces.append(data)
+            continue
+        first, *lines, last = data.split(b"\n")
+        lines.insert(0, b"".join([*pieces, first]))
+        pieces = [last]
+        lines = [x for x in lines if x.strip()]
+        if lines:
+            yield lines
+    rest = b"".join(pieces)
+    if rest.strip():
+        yield [rest]
 
 
 async def follow(args: argparse.Namespace) -> int:

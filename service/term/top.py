@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -38,6 +39,13 @@ def add_parser(sub: Any) -> None:
     add_target_options(p)
     p.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh, seconds")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument(
+        "--metrics-token",
+        metavar="TOKEN",
+        help="the token /metrics wants when auth.metrics_token is set "
+        "(default: $RINGSTREAM_METRICS_TOKEN, else --token)",
+    )
+    p.add_argument("--metrics-token-file", metavar="FILE", help="read that token from FILE")
 
 
 @dataclass
@@ -56,10 +64,12 @@ class Sample:
     def total(self, name: str) -> float:
         return sum(self.series.get(name, {}).values())
 
-    def by(self, name: str, label: str) -> dict[str, float]:
+    def by(self, name: str, label: str, **only: str) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
         for labels, value in self.series.get(name, {}).items():
-            out[dict(labels).get(label, "")] += value
+            d = dict(labels)
+            if all(d.get(k) == v for k, v in only.items()):
+                out[d.get(label, "")] += value
         return dict(out)
 
 
@@ -134,11 +144,11 @@ def render(url: str, before: Sample | None, now: Sample | None, problem: str | N
             return 0.0
         return max(0.0, now.get(name, **labels) - before.get(name, **labels)) / dt
 
-    def per_s_by(name: str, label: str) -> dict[str, float]:
+    def per_s_by(name: str, label: str, **only: str) -> dict[str, float]:
         if before is None or dt <= 0:
-            return {k: 0.0 for k in now.by(name, label)}
-        b = before.by(name, label)
-        return {k: max(0.0, v - b.get(k, 0.0)) / dt for k, v in now.by(name, label).items()}
+            return {k: 0.0 for k in now.by(name, label, **only)}
+        b = before.by(name, label, **only)
+        return {k: max(0.0, v - b.get(k, 0.0)) / dt for k, v in now.by(name, label, **only).items()}
 
     ready = "ready" if now.get("ringstream_ready") else "NOT READY"
     head.append(
@@ -212,7 +222,7 @@ def render(url: str, before: Sample | None, now: Sample | None, problem: str | N
     for col in ("source", "restarts", "reserve failures", "kernel events", "kernel lost"):
         sources.add_column(col, justify="left" if col == "source" else "right")
     restarts = now.by("ringstream_worker_restarts_total", "source")
-    sent = per_s_by("ringstream_bpf_events_total", "source")
+    sent = per_s_by("ringstream_bpf_events_total", "source", outcome="sent")
     lost: dict[str, float] = defaultdict(float)
     for labels, value in now.series.get("ringstream_bpf_events_total", {}).items():
         d = dict(labels)
@@ -239,8 +249,10 @@ def render(url: str, before: Sample | None, now: Sample | None, problem: str | N
 
 
 class Poller:
-    def __init__(self, t: Target) -> None:
+    def __init__(self, t: Target, metrics_headers: dict[str, str] | None = None) -> None:
         self.t = t
+        # /metrics may want a token of its own; /query wants the subscriber's
+        self.metrics_headers = t.headers if metrics_headers is None else metrics_headers
         self.before: Sample | None = None
         self.now: Sample | None = None
         self.problem: str | None = None
@@ -248,14 +260,17 @@ class Poller:
     async def poll(self, http: aiohttp.ClientSession) -> None:
         try:
             async with http.get(
-                self.t.url("/metrics"), headers=self.t.headers, ssl=self.t.ssl
+                self.t.url("/metrics"), headers=self.metrics_headers, ssl=self.t.ssl
             ) as r:
                 text = await r.text()
                 if r.status != 200:
-                    hint = " (a metrics token: --token)" if r.status == 401 else ""
+                    hint = " (the metrics token: --metrics-token)" if r.status == 401 else ""
                     raise RuntimeError(f"/metrics: HTTP {r.status}{hint}")
             async with http.get(self.t.url("/query"), headers=self.t.headers, ssl=self.t.ssl) as r:
-                q = await r.json() if r.status == 200 else {}
+                if r.status != 200:
+                    hint = " (a subscriber's token: --token)" if r.status in (401, 403) else ""
+                    raise RuntimeError(f"/query: HTTP {r.status}{hint}")
+                q = await r.json()
         except (aiohttp.ClientError, RuntimeError, TimeoutError) as e:
             self.problem = f"unreachable: {e}"
             return
@@ -303,15 +318,30 @@ async def _once(poller: Poller, interval: float) -> int:
     return 1 if poller.problem else 0
 
 
+def _metrics_headers(args: argparse.Namespace) -> dict[str, str] | None:
+    token = args.metrics_token
+    if args.metrics_token_file:
+        try:
+            with open(args.metrics_token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise UsageError(
+                f"--metrics-token-file {args.metrics_token_file}: {e.strerror}"
+            ) from None
+    token = token or os.environ.get("RINGSTREAM_METRICS_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else None
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         t = target(args.url, args.token, args.token_file, args.cacert)
+        metrics_headers = _metrics_headers(args)
         if args.interval <= 0:
             raise UsageError(f"--interval: must be > 0 seconds, got {args.interval}")
     except UsageError as e:
         print(f"ringstream top: {e}", file=sys.stderr)
         return 2
-    poller = Poller(t)
+    poller = Poller(t, metrics_headers)
     if args.once:
         return asyncio.run(_once(poller, args.interval))
     try:

@@ -58,11 +58,16 @@ def load() -> tuple[Asset, dict[str, Asset]]:
     return _asset(html.encode(), "index.html"), assets
 
 
-def _send(request: web.Request, a: Asset, cache: str, extra: dict[str, str]) -> web.Response:
-    headers = {"ETag": f'"{a.etag}"', "Cache-Control": cache, "Vary": "Accept-Encoding", **extra}
-    if request.headers.get("If-None-Match") == f'"{a.etag}"':
+def _send(
+    request: web.Request, a: Asset, cache: str, extra: dict[str, str], vary: str = "Accept-Encoding"
+) -> web.Response:
+    # each encoding its own tag: a cache must not answer one with the other
+    gz = "gzip" in request.headers.get("Accept-Encoding", "")
+    etag = f'"{a.etag}-gz"' if gz else f'"{a.etag}"'
+    headers = {"ETag": etag, "Cache-Control": cache, "Vary": vary, **extra}
+    if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers=headers)
-    if "gzip" in request.headers.get("Accept-Encoding", ""):
+    if gz:
         headers["Content-Encoding"] = "gzip"
         return web.Response(
             body=a.gz, content_type=None, headers={**headers, "Content-Type": a.content_type}
@@ -78,7 +83,8 @@ class Page:
         return "text/html" in request.headers.get("Accept", "")
 
     def page(self, request: web.Request) -> web.Response:
-        return _send(request, self.index, "no-cache", PAGE_HEADERS)
+        # / is the page or the text index by Accept: caches must keep both
+        return _send(request, self.index, "no-cache", PAGE_HEADERS, "Accept, Accept-Encoding")
 
     async def static(self, request: web.Request) -> web.Response:
         a = self.assets.get(request.match_info["name"])

@@ -7,8 +7,9 @@
 const $ = (s) => document.querySelector(s);
 const MAX = 10000, ROW = 22, POINTS = 300;
 const ENVELOPE = new Set(["id", "ts_ns", "type", "type_id"]);
-const st = { records: [], pending: [], paused: false, epoch: null, last: null, conn: null,
-  selected: -1, follow: true, backoff: 500, prev: null, series: {}, dirty: true, received: 0 };
+const st = { records: [], pending: [], paused: false, epoch: null, last: null, conn: null, gen: 0,
+  selected: -1, follow: true, backoff: 500, prev: null, series: {}, dirty: true, received: 0,
+  needLogin: false, needMetrics: false, polling: false };
 
 const esc = (v) => String(v).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
 const show = (v) => (typeof v === "string" ? v : JSON.stringify(v));
@@ -36,55 +37,71 @@ function filterParams(text) {
 function status(text, cls) { const s = $("#status"); s.textContent = text; s.className = `status ${cls}`; }
 function error(text) { const e = $("#error"); e.hidden = !text; e.textContent = text || ""; }
 
-function take(rec) {
-  if (rec.type === "filter") return;
-  if (rec.type === "error") { error(rec.error); return; }
+// the service's own messages (gap, end, filter, error) carry no id; a record
+// always has one, whatever its type says (an ingested {"type":"end"} is data)
+function take(rec, epoch) {
+  const marker = typeof rec.id !== "number";
+  if (marker && rec.type === "filter") return;
+  if (marker && rec.type === "error") { error(rec.error); return; }
   st.pending.push(rec);
+  // a hidden tab draws no frames: keep only what the table would keep
+  if (st.pending.length > 2 * MAX) st.pending.splice(0, st.pending.length - MAX);
   st.received++;
-  if (rec.type !== "gap" && rec.type !== "end" && typeof rec.id === "number") st.last = rec.id;
-  if (rec.type === "end") { disconnect(); status(`ended: ${rec.reason}`, "down"); }
+  if (!marker) { st.last = rec.id; st.epoch = epoch; }  // the resume point: both together
+  if (marker && rec.type === "end") { disconnect(); status(`ended: ${rec.reason}`, "down"); }
 }
 
-function disconnect() { if (st.conn) { st.conn.close(); st.conn = null; } }
+function disconnect() { st.gen++; if (st.conn) { const c = st.conn; st.conn = null; c.close(); } }
+
+// what the stream asks for: the URL's filter (the one last submitted)
+function streamParams() {
+  const q = new URLSearchParams(location.search);
+  q.delete("transport");
+  return q;
+}
 
 async function connect() {
   disconnect();
+  const gen = st.gen;  // a later connect() or disconnect() makes this one stale
   error("");
-  let q;
-  try { q = filterParams($("#filter").value); } catch (e) { error(e.message); return; }
+  const q = streamParams();
   // a bad filter is the server's 400: ask before opening a stream it refuses
   const probe = new AbortController();
-  const r = await fetch(`events?${q}`, { signal: probe.signal });
-  if (r.status === 401) { $("#login").hidden = false; status("login", "down"); probe.abort(); return; }
+  let r;
+  try { r = await fetch(`events?${q}`, { signal: probe.signal }); } catch (e) { if (gen === st.gen) retry(); return; }
+  probe.abort();
+  if (gen !== st.gen || st.paused) return;
+  if (r.status === 401) { st.needLogin = true; $("#login").hidden = false; status("login", "down"); return; }
+  if (r.status >= 500) { retry(); return; }  // starting or stopping: again later
   if (r.status !== 200) { const b = await r.json().catch(() => ({})); error(b.error || `HTTP ${r.status}`); status("refused", "down"); return; }
   const epoch = r.headers.get("Ringstream-Epoch");
-  probe.abort();
   if (st.last !== null) q.set("last_event_id", st.epoch ? `${st.epoch}-${st.last}` : String(st.last));
-  st.epoch = epoch;
   if ($("#transport").value === "sse") {
     q.set("format", "sse");
     const es = new EventSource(`events?${q}`);
-    es.onmessage = (e) => { const dash = e.lastEventId.lastIndexOf("-"); if (dash > 0) st.epoch = e.lastEventId.slice(0, dash); take(JSON.parse(e.data)); };
-    es.addEventListener("gap", (e) => take(JSON.parse(e.data)));
-    es.addEventListener("end", (e) => take(JSON.parse(e.data)));
+    const epochOf = (e) => { const dash = e.lastEventId.lastIndexOf("-"); return dash > 0 ? e.lastEventId.slice(0, dash) : epoch; };
+    es.onmessage = (e) => take(JSON.parse(e.data), epochOf(e));
+    es.addEventListener("gap", (e) => take(JSON.parse(e.data), epoch));
+    es.addEventListener("end", (e) => take(JSON.parse(e.data), epoch));
     es.onopen = () => { status("live", "live"); st.backoff = 500; };
-    es.onerror = () => { if (es.readyState === EventSource.CLOSED) retry(); else status("reconnecting", "down"); };
+    es.onerror = () => { if (st.conn !== es) return; if (es.readyState === EventSource.CLOSED) retry(); else status("reconnecting", "down"); };
     st.conn = es;
   } else {
     q.set("batch", "500");
     const ws = new WebSocket(new URL(`ws?${q}`, location.href).href.replace(/^http/, "ws"));
     ws.onopen = () => { status("live", "live"); st.backoff = 500; };
-    ws.onmessage = (e) => { const m = JSON.parse(e.data); if (Array.isArray(m)) m.forEach(take); else take(m); };
+    ws.onmessage = (e) => { const m = JSON.parse(e.data); if (Array.isArray(m)) for (const x of m) take(x, epoch); else take(m, epoch); };
     ws.onclose = () => { if (st.conn === ws) retry(); };
     st.conn = ws;
   }
 }
 
 function retry() {
-  st.conn = null;
+  disconnect();
   if (st.paused) return;
   status("reconnecting", "down");
-  setTimeout(() => { if (!st.paused && !st.conn) connect(); }, st.backoff);
+  const gen = st.gen;
+  setTimeout(() => { if (!st.paused && gen === st.gen) connect(); }, st.backoff);
   st.backoff = Math.min(10000, st.backoff * 2);
 }
 
@@ -108,13 +125,20 @@ function render() {
   // scroll, a click (a rebuild under the pointer would swallow the click)
   if (!st.dirty && !st.pending.length) return;
   st.dirty = false;
+  const vp = $("#viewport");
   if (st.pending.length) {
-    st.records.push(...st.pending);
+    st.records = st.records.concat(st.pending);
     st.pending = [];
-    if (st.records.length > MAX) { const cut = st.records.length - MAX; st.records.splice(0, cut); st.selected -= cut; }
+    if (st.records.length > MAX) {
+      const cut = st.records.length - MAX;
+      st.records.splice(0, cut);
+      st.selected -= cut;
+      // a reader scrolled up keeps the rows in view where they are
+      if (!st.follow) vp.scrollTop = Math.max(0, vp.scrollTop - cut * ROW);
+    }
     $("#count").textContent = `${st.records.length.toLocaleString()} records`;
   }
-  const vp = $("#viewport"), cols = columns();
+  const cols = columns();
   $("#spacer").style.height = `${st.records.length * ROW}px`;
   if (st.follow) vp.scrollTop = vp.scrollHeight;
   const first = Math.max(0, Math.floor(vp.scrollTop / ROW)), n = Math.ceil(vp.clientHeight / ROW) + 1;
@@ -123,7 +147,7 @@ function render() {
   const html = [];
   for (let i = first; i < Math.min(st.records.length, first + n); i++) {
     const r = st.records[i];
-    if (r.type === "gap" || r.type === "end") {
+    if (typeof r.id !== "number") {
       const text = Object.entries(r).filter(([k]) => k !== "type").map(([k, v]) => `${k}=${show(v)}`).join(" ");
       html.push(`<div class="row ${r.type}" data-i="${i}"><span class="wide">${r.type}: ${esc(text)}</span></div>`);
     } else {
@@ -182,16 +206,20 @@ function plot(name, values) {
 }
 
 async function poll() {
+  // after a 401, nothing is asked again until a login: every refusal is
+  // counted and logged by the service
+  if (st.polling || st.needLogin) return;
+  st.polling = true;
   try {
-    const [mr, qr] = await Promise.all([fetch("metrics"), fetch("query")]);
-    if (qr.status === 401) { $("#login").hidden = false; return; }
+    const [mr, qr] = await Promise.all([st.needMetrics ? null : fetch("metrics"), fetch("query")]);
+    if (qr.status === 401) { st.needLogin = true; $("#login").hidden = false; return; }
     const q = await qr.json();
     const rings = [`<div>user ring: <span id="ring-used" data-bytes="${q.avail_data}">${bytes(q.avail_data)}</span> of
       <span id="ring-size" data-bytes="${q.ring_size}">${bytes(q.ring_size)}</span> · epoch ${esc(q.epoch)}</div>
       <div class="gauge"><div style="width:${(100 * q.avail_data / q.ring_size).toFixed(1)}%"></div></div>`];
-    if (mr.status !== 200) {
+    if (mr === null || mr.status !== 200) {
       $("#ring-list").innerHTML = rings.join("") + '<div class="dim">/metrics needs the metrics token</div>';
-      $("#metrics-login").hidden = mr.status !== 401;
+      if (mr !== null && mr.status === 401) { st.needMetrics = true; $("#metrics-login").hidden = false; }
       return;
     }
     const m = parseMetrics(await mr.text()), p = st.prev, now = Date.now() / 1000;
@@ -217,6 +245,8 @@ async function poll() {
     st.prev = { m, at: now };
   } catch (e) {
     status("unreachable", "down");
+  } finally {
+    st.polling = false;
   }
 }
 
@@ -236,8 +266,8 @@ function start() {
     try { q = filterParams($("#filter").value); } catch (err) { error(err.message); return; }
     if ($("#transport").value === "sse") q.set("transport", "sse");
     history.replaceState(null, "", `?${q}`);
-    st.records = []; st.pending = []; st.last = null; st.selected = -1; st.dirty = true;
-    connect();
+    st.records = []; st.pending = []; st.last = null; st.epoch = null; st.selected = -1; st.dirty = true;
+    if (!st.paused) connect();
   });
   $("#transport").addEventListener("change", () => $("#filter-form").requestSubmit());
   $("#pause").addEventListener("click", () => {
@@ -251,7 +281,9 @@ function start() {
     st.dirty = true;
   });
   window.addEventListener("resize", () => { st.dirty = true; });
-  $("#rows").addEventListener("click", (e) => {
+  // mousedown, not click: rows are rebuilt as records come, and a click
+  // needs its press and release on one element
+  $("#rows").addEventListener("mousedown", (e) => {
     const row = e.target.closest(".row");
     if (!row) return;
     st.selected = Number(row.dataset.i);
@@ -263,13 +295,13 @@ function start() {
     e.preventDefault();
     const r = await fetch("login", { method: "POST", body: new URLSearchParams({ token: $("#token").value }) });
     if (r.status !== 200) { error("login refused"); return; }
-    $("#login").hidden = true; error(""); connect(); poll();
+    st.needLogin = false; $("#login").hidden = true; error(""); connect(); poll();
   });
   $("#metrics-login").addEventListener("submit", async (e) => {
     e.preventDefault();
     const r = await fetch("login", { method: "POST", body: new URLSearchParams({ metrics_token: $("#metrics-token").value }) });
     if (r.status !== 200) { error("metrics token refused"); return; }
-    $("#metrics-login").hidden = true; error(""); poll();
+    st.needMetrics = false; $("#metrics-login").hidden = true; error(""); poll();
   });
   // for tests and the curious: what the page has received
   window.ringstream = { ids: () => st.records.filter((r) => typeof r.id === "number" && r.type !== "gap").map((r) => r.id),
