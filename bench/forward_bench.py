@@ -1,0 +1,180 @@
+"""The edge forwarding to NATS JetStream (issue 13), against a real local
+nats-server, beside the service streaming to one local subscriber.
+
+    .venv/bin/python bench/forward_bench.py                 # 20 s at each rate
+    .venv/bin/python bench/forward_bench.py --rates 150000 --seconds 10
+
+Printed, all measured in this run on this machine:
+  - the peers: nats-py's own `js.publish_async` (acks, Nats-Msg-Id), and a
+    core publish without acks, from one process into the same server;
+  - per source rate: records/s the service consumed, records/s forwarded
+    (acknowledged), drops, the local subscriber's records/s, and lossless
+    (every record in the stream once: the stream's count against the
+    forwarded count, its Msg-Ids unique).
+Nothing here is a threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe  # noqa: E402
+from natsctl import NatsServer, read_stream  # noqa: E402
+from servicectl import Service, parse_metrics  # noqa: E402
+
+PAYLOAD = (
+    b'{"id":123456,"ts_ns":1796644614432187239,"type":"synthetic","seq":3417,"worker":0,'
+    b'"level":"info","value":3.417,"label":"synthetic-0","token":"4d343209f4bc77d2"}'
+)
+
+CONFIG = """
+[ring]
+shm_dir = "memfd"
+size = "64MiB"
+
+[workers]
+count = 2
+
+[forward]
+urls = ["{url}"]
+host = "bench"
+
+[[sources]]
+kind = "synthetic"
+rate = {rate}
+size = 64
+instances = 2
+"""
+
+
+async def peers(url: str, n: int) -> dict[str, float]:
+    import nats
+
+    nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
+    js = nc.jetstream()
+    await js.add_stream(name="PEER", subjects=["peer.>"])
+    t = time.perf_counter()
+    futs = []
+    for i in range(n):
+        futs.append(await js.publish_async("peer.a", PAYLOAD, headers={"Nats-Msg-Id": f"p-{i}"}))
+    await asyncio.gather(*futs)
+    acked = n / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(n):
+        await nc.publish("core.a", PAYLOAD)
+    await nc.flush()
+    core = n / (time.perf_counter() - t)
+    await js.delete_stream("PEER")
+    await nc.close()
+    return {"publish_async": acked, "core": core}
+
+
+def metrics(svc: Service) -> dict[str, float]:
+    with urllib.request.urlopen(svc.url("/metrics"), timeout=30) as r:
+        return parse_metrics(r.read().decode())
+
+
+def run(tmp: Path, nats: NatsServer, rate: int, seconds: float) -> dict[str, float]:
+    config = CONFIG.replace("{url}", nats.url).replace("{rate}", str(rate))
+    with Service(tmp, config) as svc:
+        svc.wait_log("forward_connected")
+        got = [0]
+
+        def read() -> None:
+            with urllib.request.urlopen(svc.url("/events"), timeout=600) as r:
+                for line in r:
+                    got[0] += line.count(b"\n")
+
+        threading.Thread(target=read, daemon=True).start()
+        time.sleep(3)  # warm-up
+        m0, g0, t0 = metrics(svc), got[0], time.monotonic()
+        time.sleep(seconds)
+        m1, g1, t1 = metrics(svc), got[0], time.monotonic()
+        dt = t1 - t0
+        assert svc.terminate() == 0
+        stopped = svc.wait_log("forward_stopped")
+
+    def rate_of(name: str) -> float:
+        # a family's series summed (labels or not)
+        def total(m: dict[str, float]) -> float:
+            return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+
+        return (total(m1) - total(m0)) / dt
+
+    messages = read_stream(nats.url, "RINGSTREAM", stopped["forwarded"], timeout=600)
+    ids = {h["Nats-Msg-Id"] for _, _, h, _ in messages}
+    return {
+        "consumed": rate_of("ringstream_decoded_records_total"),
+        "forwarded": (
+            m1['ringstream_forward_records_total{outcome="forwarded"}']
+            - m0['ringstream_forward_records_total{outcome="forwarded"}']
+        )
+        / dt,
+        "local": (g1 - g0) / dt,
+        "dropped": stopped["dropped"],
+        "unforwarded": stopped["unforwarded"],
+        "in_stream": len(messages),
+        "unique": len(ids),
+        "forwarded_total": stopped["forwarded"],
+        "duplicates": stopped["duplicates"],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rates", default="50000,150000,0", help="source rates; 0 = flat out")
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--peer-records", type=int, default=200_000)
+    args = ap.parse_args()
+    print(describe())
+    with tempfile.TemporaryDirectory() as tmp:
+        nats = NatsServer(Path(tmp))
+        try:
+            p = asyncio.run(peers(nats.url, args.peer_records))
+            print(
+                f"peers, one process into the same server: js.publish_async (acked, Msg-Id) "
+                f"{p['publish_async']:,.0f}/s; core publish (no acks) {p['core']:,.0f}/s"
+            )
+            for i, rate in enumerate(int(r) for r in args.rates.split(",")):
+                d = Path(tmp) / f"run{i}"
+                d.mkdir()
+                r = run(d, nats, rate, args.seconds)
+                lossless = (
+                    r["dropped"] == 0 and r["unforwarded"] == 0 and r["unique"] == r["in_stream"]
+                )
+                print(
+                    f"source {'flat out' if rate == 0 else f'{rate:,}/s'}: consumed "
+                    f"{r['consumed']:,.0f}/s, forwarded (acked) {r['forwarded']:,.0f}/s "
+                    f"= {r['forwarded'] / p['publish_async']:.1f}x publish_async; local "
+                    f"subscriber {r['local']:,.0f}/s; dropped {r['dropped']}, duplicates "
+                    f"{r['duplicates']}, stream {r['in_stream']:,} messages, "
+                    f"{'lossless' if lossless else 'NOT lossless'}"
+                )
+                # each run its own stream
+                asyncio.run(_drop_stream(nats.url))
+        finally:
+            nats.close()
+    return 0
+
+
+async def _drop_stream(url: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    await nc.jetstream().delete_stream("RINGSTREAM")
+    await nc.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
