@@ -195,6 +195,15 @@ class Service:
         "_reloads",
     )
 
+    # a hub (hub.urls): no ring, no workers; the stream read from JetStream
+    HUB_COMPONENTS = (
+        "_hub_state",
+        "_loop_monitor",
+        "_http",
+        "_nats_feed",
+        "_signals",
+    )
+
     def __init__(self, cfg: Config, read_config: Callable[[], Config]) -> None:
         """`read_config` reads the configuration again, from the layers `cfg` came from."""
         self.cfg = cfg
@@ -208,7 +217,8 @@ class Service:
     async def run(self) -> int:
         self._plan()
         async with contextlib.AsyncExitStack() as stack:
-            for name in self.COMPONENTS:
+            hub_mode = bool(self.cfg["hub"]["urls"])
+            for name in self.HUB_COMPONENTS if hub_mode else self.COMPONENTS:
                 component = contextlib.asynccontextmanager(getattr(self, name))
                 await stack.enter_async_context(component())
             self._serving()
@@ -287,6 +297,79 @@ class Service:
                     },
                 )
             ring.close()
+
+    async def _hub_state(self) -> AsyncIterator[None]:
+        """A hub's fan-out and what the endpoints share: no ring, no consumer."""
+        cfg = self.cfg
+        subs = cfg["subscribers"]
+        self.ring = None  # type: ignore[assignment]
+        self.attach = None
+        self.hub = Hub(
+            queue_records=subs["queue_records"],
+            queue_bytes=subs["queue_bytes"],
+            policy=subs["policy"],
+            history_records=subs["history_records"],
+            history_bytes=subs["history_bytes"],
+            budget_bytes=subs["memory_budget"],
+        )
+        self.registry = CollectorRegistry(auto_describe=True)
+        latency = Latency()
+        self.registry.register(latency)
+        self.state = State(
+            ring=None,  # type: ignore[arg-type]
+            hub=self.hub,
+            consumer=None,  # type: ignore[arg-type]
+            filters=FilterSchema(
+                {s.name: s.type_id for s in self.schemas},
+                (f.name for s in self.schemas for f in s.fields),
+            ),
+            registry=self.registry,
+            latency=latency,
+            settings=subs,
+            batch=cfg["consumer"]["batch"],
+        )
+        try:
+            yield
+        finally:
+            if self.stop_began is not None:
+                log.info(
+                    "stopped",
+                    extra={
+                        "event": "stop",
+                        "last_id": self.hub.history.last,
+                        "seconds": round(time.monotonic() - self.stop_began, 3),
+                    },
+                )
+
+    async def _nats_feed(self) -> AsyncIterator[None]:
+        """A hub's only source: the JetStream stream (service/forward/hub.py)."""
+        from service.forward.hub import HubStartError, NatsFeed
+
+        feed = NatsFeed(
+            self.cfg["hub"],
+            self.hub,
+            {s.name: s.type_id for s in self.schemas},
+            self.cfg["subscribers"]["history_records"],
+        )
+        try:
+            await feed.start()
+        except HubStartError as e:
+            raise StartupError(str(e)) from None
+        self.feed = feed
+        self.state.epoch = feed.epoch
+        self.state.feed = feed
+        self.registry.register(feed)
+        try:
+            yield
+        finally:
+            await feed.stop()
+
+    async def _signals(self) -> AsyncIterator[None]:
+        """A hub's SIGTERM and SIGINT (the workers component has them otherwise)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_requested.set)
+        yield
 
     async def _loop_monitor(self) -> AsyncIterator[None]:
         """The event loop's stalls, measured for as long as anything runs."""
@@ -379,9 +462,10 @@ class Service:
         app = make_app(self.state, [auth.middleware] if base else [*outer, auth.middleware])
         app.router.add_post("/login", auth.login)
         app.router.add_post("/logout", auth.logout)
-        self.ingest = Ingest(self.ring, self.cfg["ingest"], lambda: self.state.phase == "ready")
-        self.registry.register(self.ingest)
-        app.router.add_post("/ingest", self.ingest.handle)
+        if self.ring is not None:  # a hub has no ring to ingest into
+            self.ingest = Ingest(self.ring, self.cfg["ingest"], lambda: self.state.phase == "ready")
+            self.registry.register(self.ingest)
+            app.router.add_post("/ingest", self.ingest.handle)
         app.on_response_prepare.append(add_cors_headers)
         if base:
             root = web.Application(middlewares=outer)
@@ -501,6 +585,22 @@ class Service:
         # what start-up built lives as long as the service: keep it out of
         # every full collection's scan
         gc.freeze()
+        if self.ring is None:
+            log.info(
+                "started",
+                extra={
+                    "event": "start",
+                    "version": __version__,
+                    "mode": "hub",
+                    "host": cfg["server"]["host"],
+                    "port": self.port,
+                    "stream": cfg["hub"]["stream"],
+                    "epoch": self.state.epoch,
+                    "config": cfg.origin,
+                    "pid": os.getpid(),
+                },
+            )
+            return
         log.info(
             "started",
             extra={

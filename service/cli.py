@@ -1,6 +1,7 @@
 """`ringstream`: the command line.
 
     ringstream serve [--config FILE] [--host H] [--port N] [--ring-size SIZE] [--workers N]
+                     [--from-nats URL]   (a hub: the edges' merged stream from JetStream)
     ringstream config [...same flags]   print the effective configuration as JSON
     ringstream token new NAME [--type T]... [--field K=V]... [--allow A]... [--expires TIME]
     ringstream token hash                a token from stdin -> "sha256:HEX" (auth.metrics_token)
@@ -43,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--workers", type=int, metavar="N", help="worker processes, 0 = CPUs")
         c.add_argument(
             "--log-format", choices=("json", "plain"), help="log line format (log.format)"
+        )
+        c.add_argument(
+            "--from-nats",
+            metavar="URL",
+            action="append",
+            help="serve the merged stream of the edges from NATS JetStream, no local ring "
+            "(hub.urls; repeat for more servers)",
         )
     _token_parser(sub)
     from service.term import tail, top
@@ -160,6 +168,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for section, key, value in pairs:
         if value is not None:
             o.setdefault(section, {})[key] = value
+    if args.from_nats:
+        o.setdefault("hub", {})["urls"] = list(args.from_nats)
     return o
 
 

@@ -74,6 +74,7 @@ class State:
     epoch: str = field(default_factory=lambda: secrets.token_hex(4))
     auth: Authenticator | None = None  # set by app.py with the HTTP server
     forwarder: Any = None  # service.forward.edge.Forwarder, when forward.urls is set
+    feed: Any = None  # service.forward.hub.NatsFeed: a hub's stream, when hub.urls is set
 
 
 # why a stream ended that its client must be told of: the last thing it gets
@@ -212,11 +213,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers=headers)
     cap_send_buffer(request.transport, st.settings["send_buffer"])
     await resp.prepare(request)
+    writer = SseWriter(resp, st.epoch) if fmt == "sse" else NdjsonWriter(resp, request.transport)
+    try:
+        after = await _catch_up(st, writer, after, after_epoch, flt, scope)
+    except ConnectionError:
+        return resp
     sub = st.hub.subscribe(
         fmt, _peer(request), flt, after, after_epoch, scope=scope, principal=principal
     )
     expiry = _guard(st, principal, sub)
-    writer = SseWriter(resp, st.epoch) if fmt == "sse" else NdjsonWriter(resp, request.transport)
     reason = "client"
     try:
         await _run_stream(st, sub, writer)
@@ -246,6 +251,41 @@ async def events(request: web.Request) -> web.StreamResponse:
         # client is not reading: drop the connection, nothing more to say
         request.transport.abort()
     return resp
+
+
+async def _catch_up(
+    st: State,
+    writer: Any,
+    after: int | None,
+    after_epoch: str | None,
+    flt: Filter | None,
+    scope: Filter | None,
+) -> int | None:
+    """A hub's resume older than its in-memory history: those records read
+    from the JetStream stream and written first (scope, then filter, as
+    live), until the history has the rest. Returns where the history takes
+    over. Elsewhere, and for resumes the history holds: `after` as it is."""
+    if st.feed is None or after is None or after_epoch is not None:
+        return after
+    # the history moves on while this writes: again until it holds the rest
+    # (checked and subscribed with no await between, so nothing is evicted)
+    while after < st.hub.history.evicted_last:
+        before = after
+        async for part in st.feed.catch_up(after, st.hub.history.evicted_last):
+            if isinstance(part, dict):
+                await writer.gap(part)
+                after = int(part["next_id"]) - 1
+                continue
+            after = part.last
+            if scope is not None:
+                part = scope.apply(part)
+            if flt is not None:
+                part = flt.apply(part)
+            if part.lines:
+                await writer.records([part])
+        if after == before:
+            break  # the stream gave nothing (unreachable): the history's gap says so
+    return after
 
 
 async def _run_stream(st: State, sub: Subscriber, writer: Any) -> None:
@@ -287,11 +327,16 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws.headers["Ringstream-Epoch"] = st.epoch
     cap_send_buffer(request.transport, st.settings["send_buffer"])
     await ws.prepare(request)
+    ws_writer = WsWriter(ws, batch, bool(ws.compress))
+    try:
+        after = await _catch_up(st, ws_writer, after, after_epoch, flt, scope)
+    except ConnectionError:
+        return ws
     sub = st.hub.subscribe(
         "ws", _peer(request), flt, after, after_epoch, scope=scope, principal=principal
     )
     expiry = _guard(st, principal, sub)
-    sender = asyncio.create_task(_run_stream(st, sub, WsWriter(ws, batch, bool(ws.compress))))
+    sender = asyncio.create_task(_run_stream(st, sub, ws_writer))
     reason = "client"
     try:
         await _read_messages(st, sub, ws, sender)
@@ -381,8 +426,11 @@ async def _ws_error(ws: web.WebSocketResponse, message: str) -> None:
 
 async def query(request: web.Request) -> web.Response:
     st = request.app[STATE]
+    if st.feed is not None:
+        body: dict[str, Any] = st.feed.status()
+        return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
     q = st.ring.query()
-    body: dict[str, Any] = {name: getattr(q, name) for name in type(q).__match_args__}
+    body = {name: getattr(q, name) for name in type(q).__match_args__}
     body["epoch"] = st.epoch
     if st.forwarder is not None:
         body["forward"] = st.forwarder.status()
@@ -391,7 +439,7 @@ async def query(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    if st.consumer.corrupt is not None:
+    if st.consumer is not None and st.consumer.corrupt is not None:
         return web.json_response({"status": "unhealthy", "error": st.consumer.corrupt}, status=503)
     return web.json_response({"status": "ok"})
 

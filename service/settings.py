@@ -278,6 +278,19 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
         "tls_cert": _str,
         "tls_key": _str,
     },
+    "hub": {
+        "urls": _nats_urls,
+        "stream": _stream_name,
+        "creds_file": _str,
+        "user": _str,
+        "password": _str,
+        "password_file": _str,
+        "token": _str,
+        "token_file": _str,
+        "tls_ca": _str,
+        "tls_cert": _str,
+        "tls_key": _str,
+    },
     "log": {
         "format": _choice("json", "plain"),
         "level": _choice("debug", "info", "warning", "error"),
@@ -402,6 +415,13 @@ def load(
 
 
 def _check_across(s: Mapping[str, Mapping[str, Any]]) -> None:
+    if s["hub"]["urls"] and s["forward"]["urls"]:
+        raise ConfigError(
+            "hub.urls and forward.urls: a hub reads the stream edges forward to; "
+            "it has no ring of its own to forward"
+        )
+    if s["hub"]["urls"] and s["ingest"]["enabled"]:
+        raise ConfigError("hub.urls and ingest.enabled: a hub has no ring to ingest into")
     w = s["workers"]
     if w["backoff_initial"] > w["backoff_max"]:
         raise ConfigError(

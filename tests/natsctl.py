@@ -193,14 +193,14 @@ async def _read_all(js: Any, stream: str, want: int) -> list[Any]:
     return got
 
 
-def make_stream(url: str, stream: str, subjects: list[str]) -> None:
+def make_stream(url: str, stream: str, subjects: list[str], **config: Any) -> None:
     import nats
     from nats.js.api import StreamConfig
 
     async def make() -> None:
         nc = await nats.connect(url)
         try:
-            await nc.jetstream().add_stream(StreamConfig(name=stream, subjects=subjects))
+            await nc.jetstream().add_stream(StreamConfig(name=stream, subjects=subjects, **config))
         finally:
             await nc.close()
 
