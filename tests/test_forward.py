@@ -5,6 +5,7 @@ buffer's drops counted and said in the stream; the bad configs refused."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -95,6 +96,12 @@ def test_every_record_is_in_the_stream_once_across_a_nats_kill_and_restart(
             assert http_get(svc.url("/readyz"))[0] == 200
             m = http_get(svc.url("/metrics"))[1].decode()
             assert "ringstream_forward_connected 0.0" in m
+            # the dashboard's forwarding panels and the alerts name live series
+            from test_deploy import DASHBOARD, alert_rules
+
+            exprs = DASHBOARD.read_text() + " ".join(r["expr"] for r in alert_rules())
+            for name in set(re.findall(r"\bringstream_forward_\w+", exprs)):
+                assert re.search(rf"^{name}[{{ ]", m, re.MULTILINE), name
             nats.start()
             svc.wait_log("forward_reconnected")
             wait_for("the backlog forwarded", lambda: forward(svc)["forwarded"] > before + 4000)
