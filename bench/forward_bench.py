@@ -11,6 +11,11 @@ Printed, all measured in this run on this machine:
     (acknowledged), drops, the local subscriber's records/s, and lossless
     (every record in the stream once: the stream's count against the
     forwarded count, its Msg-Ids unique).
+  - the hub (`serve --from-nats`): its delivery rate to one subscriber
+    reading the whole stream from its first record, and the latency a
+    record's trip edge -> JetStream -> hub adds, p50/p99 (each record's
+    producer timestamp against its arrival, at the edge's own subscriber
+    and at the hub's, at --latency-rate).
 Nothing here is a threshold.
 """
 
@@ -24,6 +29,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -131,11 +138,83 @@ def run(tmp: Path, nats: NatsServer, rate: int, seconds: float) -> dict[str, flo
     }
 
 
+HUB = """
+[hub]
+urls = ["{url}"]
+"""
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def _latencies(url: str, out: list[float], stop: threading.Event) -> None:
+    with urllib.request.urlopen(url, timeout=600) as r:
+        for line in r:
+            if stop.is_set():
+                return
+            now = time.time_ns()
+            i = line.find(b'"ts_ns":')
+            if i >= 0:
+                ts = int(line[i + 8 : line.index(b",", i)])
+                out.append((now - ts) / 1e6)
+
+
+def hub_run(tmp: Path, nats: NatsServer, rate: int, seconds: float) -> dict[str, float]:
+    """The latency edge -> hub at `rate`, then the hub's delivery of the
+    whole stream to one subscriber."""
+    (tmp / "edge").mkdir(parents=True)
+    (tmp / "hub").mkdir()
+    config = CONFIG.replace("{url}", nats.url).replace("{rate}", str(rate))
+    with Service(tmp / "edge", config) as edge:
+        edge.wait_log("forward_connected")
+        with Service(tmp / "hub", HUB.replace("{url}", nats.url)) as hub:
+            # live first: the hub loads its history from the stream at start
+            while True:
+                with urllib.request.urlopen(hub.url("/query"), timeout=30) as r:
+                    h = orjson.loads(r.read())
+                last = asyncio.run(_stream_last(nats.url))
+                if h["received"] > 0 and h["last_seq"] >= last - rate // 100:
+                    break
+                time.sleep(0.2)
+            at_edge: list[float] = []
+            at_hub: list[float] = []
+            stop = threading.Event()
+            for url, out in ((edge.url("/events"), at_edge), (hub.url("/events"), at_hub)):
+                threading.Thread(target=_latencies, args=(url, out, stop), daemon=True).start()
+            time.sleep(2)
+            at_edge.clear()
+            at_hub.clear()
+            time.sleep(seconds)
+            stop.set()
+            lat = {
+                "edge_p50": _pct(at_edge, 0.5),
+                "edge_p99": _pct(at_edge, 0.99),
+                "hub_p50": _pct(at_hub, 0.5),
+                "hub_p99": _pct(at_hub, 0.99),
+            }
+        assert edge.terminate() == 0
+    with Service(tmp / "hub", HUB.replace("{url}", nats.url)) as hub:
+        with urllib.request.urlopen(hub.url("/query"), timeout=30) as r:
+            want = orjson.loads(r.read())["last_seq"]
+        n, t = 0, time.monotonic()
+        with urllib.request.urlopen(hub.url("/events?from=1"), timeout=600) as r:
+            for _line in r:
+                n += 1
+                if n >= want:
+                    break
+        lat["delivery"] = n / (time.monotonic() - t)
+        lat["records"] = n
+    return lat
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rates", default="50000,150000,0", help="source rates; 0 = flat out")
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--peer-records", type=int, default=200_000)
+    ap.add_argument("--latency-rate", type=int, default=10_000)
     args = ap.parse_args()
     print(describe())
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,11 +240,32 @@ def main() -> int:
                     f"{r['duplicates']}, stream {r['in_stream']:,} messages, "
                     f"{'lossless' if lossless else 'NOT lossless'}"
                 )
-                # each run its own stream
-                asyncio.run(_drop_stream(nats.url))
+                if i < len(args.rates.split(",")) - 1:
+                    asyncio.run(_drop_stream(nats.url))  # each run its own stream
+            h = hub_run(Path(tmp) / "hub", nats, args.latency_rate, args.seconds)
+            print(
+                f"hub: delivered the stream ({h['records']:,} records, from its first) to one "
+                f"subscriber at {h['delivery']:,.0f}/s"
+            )
+            print(
+                f"latency at {args.latency_rate:,} records/s, producer to subscriber: at the edge "
+                f"p50 {h['edge_p50']:.1f} ms, p99 {h['edge_p99']:.1f} ms; at the hub p50 "
+                f"{h['hub_p50']:.1f} ms, p99 {h['hub_p99']:.1f} ms; added edge -> hub p50 "
+                f"{h['hub_p50'] - h['edge_p50']:.1f} ms, p99 {h['hub_p99'] - h['edge_p99']:.1f} ms"
+            )
         finally:
             nats.close()
     return 0
+
+
+async def _stream_last(url: str) -> int:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        return (await nc.jetstream().stream_info("RINGSTREAM")).state.last_seq
+    finally:
+        await nc.close()
 
 
 async def _drop_stream(url: str) -> None:

@@ -228,3 +228,19 @@ def test_the_nats_py_internals_the_edge_writes_through_exist() -> None:
         len(hdr) + 9,
         hdr,
     )
+
+
+def test_a_stream_the_server_refuses_to_make_is_a_start_error(tmp_path: Path) -> None:
+    """Another stream already takes ringstream.>: the server says no, and
+    that is a config error naming the key, not an outage to retry."""
+    nats = NatsServer(tmp_path)
+    try:
+        make_stream(nats.url, "OTHER", ["ringstream.>"])
+        svc = Service(tmp_path, config([nats.url]), wait_ready=False)
+        assert svc.proc.wait(60) == 2
+        svc.close()
+        text = "\n".join(svc.lines)
+        assert "forward.stream: cannot create the stream 'RINGSTREAM'" in text
+        assert "subjects overlap with an existing stream" in text
+    finally:
+        nats.close()

@@ -42,7 +42,7 @@ from typing import Any
 import nats
 import orjson
 from nats.js.api import StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from service.batch import Batch
@@ -272,9 +272,19 @@ class Forwarder:
         try:
             info = await js.stream_info(self.stream)
         except NotFoundError:
-            await js.add_stream(
-                StreamConfig(name=self.stream, subjects=[STREAM_SUBJECTS], num_replicas=replicas)
-            )
+            try:
+                await js.add_stream(
+                    StreamConfig(
+                        name=self.stream, subjects=[STREAM_SUBJECTS], num_replicas=replicas
+                    )
+                )
+            except BadRequestError as e:
+                # the server's no: another stream has the subjects, too few
+                # servers for the replicas, ...: a config error, not an outage
+                raise ForwardConfigError(
+                    f"forward.stream: cannot create the stream {self.stream!r} "
+                    f"(subjects {STREAM_SUBJECTS!r}, {replicas} replicas): {e.description}"
+                ) from None
             log.info(
                 "stream created",
                 extra={
