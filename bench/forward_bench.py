@@ -92,6 +92,26 @@ def metrics(svc: Service) -> dict[str, float]:
         return parse_metrics(r.read().decode())
 
 
+def local_only(tmp: Path, rate: int, seconds: float) -> float:
+    """The peer: the local subscriber's rate at this source rate, no forwarding."""
+    config = CONFIG.replace('urls = ["{url}"]', "urls = []").replace("{rate}", str(rate))
+    with Service(tmp, config) as svc:
+        got = [0]
+
+        def read() -> None:
+            with urllib.request.urlopen(svc.url("/events"), timeout=600) as r:
+                for line in r:
+                    got[0] += line.count(b"\n")
+
+        threading.Thread(target=read, daemon=True).start()
+        time.sleep(3)
+        g0, t0 = got[0], time.monotonic()
+        time.sleep(seconds)
+        rate_got = (got[0] - g0) / (time.monotonic() - t0)
+        assert svc.terminate() == 0
+    return rate_got
+
+
 def run(tmp: Path, nats: NatsServer, rate: int, seconds: float) -> dict[str, float]:
     config = CONFIG.replace("{url}", nats.url).replace("{rate}", str(rate))
     with Service(tmp, config) as svc:
@@ -229,6 +249,8 @@ def main() -> int:
                 d = Path(tmp) / f"run{i}"
                 d.mkdir()
                 r = run(d, nats, rate, args.seconds)
+                (d / "local").mkdir()
+                peer = local_only(d / "local", rate, args.seconds)
                 lossless = (
                     r["dropped"] == 0 and r["unforwarded"] == 0 and r["unique"] == r["in_stream"]
                 )
@@ -236,7 +258,8 @@ def main() -> int:
                     f"source {'flat out' if rate == 0 else f'{rate:,}/s'}: consumed "
                     f"{r['consumed']:,.0f}/s, forwarded (acked) {r['forwarded']:,.0f}/s "
                     f"= {r['forwarded'] / p['publish_async']:.1f}x publish_async; local "
-                    f"subscriber {r['local']:,.0f}/s; dropped {r['dropped']}, duplicates "
+                    f"subscriber {r['local']:,.0f}/s (without forwarding {peer:,.0f}/s); "
+                    f"dropped {r['dropped']}, duplicates "
                     f"{r['duplicates']}, stream {r['in_stream']:,} messages, "
                     f"{'lossless' if lossless else 'NOT lossless'}"
                 )

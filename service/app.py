@@ -425,14 +425,17 @@ class Service:
         if not cfg["urls"]:
             yield
             return
-        from service.forward.edge import ForwardConfigError, Forwarder
+        from service.forward.edge import ForwardConfigError
+        from service.forward.process import ForwardProcess
 
         try:
-            fwd = Forwarder(
+            # in a process of its own: acks and frames cost this loop nothing
+            fwd = ForwardProcess(
                 cfg,
                 host=cfg["host"] or socket.gethostname(),
                 epoch=self.state.epoch,
                 type_names={0: "raw", **{s.type_id: s.name for s in self.schemas}},
+                log_cfg=self.cfg["log"],
             )
             await fwd.start()
         except ForwardConfigError as e:

@@ -473,6 +473,8 @@ class Forwarder:
         return max(0.0, time.time() - oldest.ts_ns / 1e9)
 
     def status(self) -> dict[str, Any]:
+        """Everything /query and the metrics show (also what the forwarding
+        process sends the service, service/forward/process.py)."""
         return {
             "state": self.state,
             "failure": self.failure,
@@ -480,52 +482,50 @@ class Forwarder:
             if self.nc is not None and self.nc.connected_url
             else None,
             "stream": self.stream,
+            "connected": self.connected,
             "forwarded": self.forwarded,
             "duplicates": self.duplicates,
             "dropped": self.dropped,
             "retries": self.retries,
+            "errors": self.errors,
+            "reconnects": self.reconnects,
             "buffer_bytes": self.buffer_bytes,
+            "buffer_limit": self.buffer_limit,
             "in_flight": len(self.inflight),
             "lag_records": self.unacked,
             "lag_seconds": round(self.lag_seconds(), 3),
         }
 
     def collect(self) -> Iterator[Metric]:
-        c = CounterMetricFamily(
-            "ringstream_forward_records",
-            "Records offered to JetStream, by outcome: forwarded (acknowledged: in the "
-            "stream), dropped (the buffer full, never acknowledged)",
-            labels=["outcome"],
-        )
-        c.add_metric(["forwarded"], self.forwarded)
-        c.add_metric(["dropped"], self.dropped)
-        yield c
-        yield CounterMetricFamily(
-            "ringstream_forward_duplicates",
+        return metrics(self.status())
+
+
+def metrics(st: Mapping[str, Any]) -> Iterator[Metric]:
+    c = CounterMetricFamily(
+        "ringstream_forward_records",
+        "Records offered to JetStream, by outcome: forwarded (acknowledged: in the "
+        "stream), dropped (the buffer full, never acknowledged)",
+        labels=["outcome"],
+    )
+    c.add_metric(["forwarded"], st["forwarded"])
+    c.add_metric(["dropped"], st["dropped"])
+    yield c
+    for name, doc in (
+        (
+            "duplicates",
             "PubAcks saying a record was in the stream already (sent again, dropped by Msg-Id)",
-            value=self.duplicates,
-        )
-        yield CounterMetricFamily(
-            "ringstream_forward_retries",
-            "Records sent again (after a reconnect or a late ack)",
-            value=self.retries,
-        )
-        yield CounterMetricFamily(
-            "ringstream_forward_errors", "PubAcks that were errors", value=self.errors
-        )
-        yield CounterMetricFamily(
-            "ringstream_forward_reconnects", "Reconnects to NATS", value=self.reconnects
-        )
-        for name, doc, value in (
-            ("buffer_bytes", "Bytes of records not yet acknowledged", self.buffer_bytes),
-            ("buffer_limit_bytes", "forward.buffer_bytes", self.buffer_limit),
-            (
-                "inflight_records",
-                "Records sent and awaiting their PubAck",
-                len(self.inflight),
-            ),
-            ("connected", "1 while connected to NATS", int(self.connected)),
-            ("lag_records", "Records offered and not yet acknowledged", self.unacked),
-            ("lag_seconds", "Age of the oldest unacknowledged record", self.lag_seconds()),
-        ):
-            yield GaugeMetricFamily(f"ringstream_forward_{name}", doc, value=value)
+        ),
+        ("retries", "Records sent again (after a reconnect or a late ack)"),
+        ("errors", "Answers that were no PubAck (errors, 503 no responders)"),
+        ("reconnects", "Reconnects to NATS"),
+    ):
+        yield CounterMetricFamily(f"ringstream_forward_{name}", doc, value=st[name])
+    for name, key, doc in (
+        ("buffer_bytes", "buffer_bytes", "Bytes of records not yet acknowledged"),
+        ("buffer_limit_bytes", "buffer_limit", "forward.buffer_bytes"),
+        ("inflight_records", "in_flight", "Records sent and awaiting their PubAck"),
+        ("connected", "connected", "1 while connected to NATS"),
+        ("lag_records", "lag_records", "Records offered and not yet acknowledged"),
+        ("lag_seconds", "lag_seconds", "Age of the oldest unacknowledged record"),
+    ):
+        yield GaugeMetricFamily(f"ringstream_forward_{name}", doc, value=float(st[key]))
