@@ -271,20 +271,33 @@ async def _catch_up(
     # (checked and subscribed with no await between, so nothing is evicted)
     while after < st.hub.history.evicted_last:
         before = after
-        async for part in st.feed.catch_up(after, st.hub.history.evicted_last):
-            if isinstance(part, dict):
-                await writer.gap(part)
-                after = int(part["next_id"]) - 1
-                continue
-            after = part.last
-            if scope is not None:
-                part = scope.apply(part)
-            if flt is not None:
-                part = flt.apply(part)
-            if part.lines:
-                await writer.records([part])
+        try:
+            after = await _catch_up_pass(st, writer, after, flt, scope)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # NATS down, the stream gone: the history's gap says so
+            log.info("catch-up failed", extra={"event": "hub_catchup_failed", "error": str(e)})
+            break
         if after == before:
             break  # the stream gave nothing (unreachable): the history's gap says so
+    return after
+
+
+async def _catch_up_pass(
+    st: State, writer: Any, after: int, flt: Filter | None, scope: Filter | None
+) -> int:
+    async for part in st.feed.catch_up(after, st.hub.history.evicted_last):
+        if isinstance(part, dict):
+            await writer.gap(part)
+            after = int(part["next_id"]) - 1
+            continue
+        after = part.last
+        if scope is not None:
+            part = scope.apply(part)
+        if flt is not None:
+            part = flt.apply(part)
+        if part.lines:
+            await writer.records([part])
     return after
 
 

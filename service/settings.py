@@ -187,11 +187,12 @@ def _subject(value: object, key: str) -> str:
     ok = ok and all(
         t in ("{host}", "{type}") or _SUBJECT_TOKEN.fullmatch(t) for t in value.split(".")
     )
-    if not ok or "{type}" not in value:
+    # a hub reads the host from the second token
+    if not ok or "{type}" not in value or value.split(".")[1] != "{host}":
         raise _fail(
             key,
-            'must be a subject under "ringstream." with {type} (and {host}) as tokens, '
-            'such as "ringstream.{host}.{type}"',
+            'must be a subject "ringstream.{host}." then tokens with {type} among them, '
+            'such as "ringstream.{host}.{type}" (a hub reads the host from the second token)',
             value,
         )
     return value

@@ -5,7 +5,9 @@ buffer's drops counted and said in the stream; the bad configs refused."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -245,3 +247,42 @@ def test_a_stream_the_server_refuses_to_make_is_a_start_error(tmp_path: Path) ->
         assert "subjects overlap with an existing stream" in text
     finally:
         nats.close()
+
+
+def test_a_dead_forwarding_process_is_replaced_and_its_loss_counted(tmp_path: Path) -> None:
+    """SIGKILL to the forwarding process: the service starts another, what the
+    dead one held is counted as dropped and said in the stream, and every
+    record after is forwarded."""
+    nats = NatsServer(tmp_path)
+    try:
+        with Service(tmp_path, config([nats.url])) as svc:
+            svc.wait_log("forward_connected")
+            wait_for("records forwarded", lambda: forward(svc)["forwarded"] > 1000)
+            child = [
+                int(p.name)
+                for p in Path("/proc").iterdir()
+                if p.name.isdigit()
+                and (p / "cmdline").exists()
+                and b"ringstream: forward" in (p / "cmdline").read_bytes()
+                and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == svc.proc.pid
+            ]
+            assert len(child) == 1, child
+            os.kill(child[0], signal.SIGKILL)
+            exited = svc.wait_log("forward_process_exited")
+            assert exited["level"] == "error"
+            wait_for("a new forwarder", lambda: forward(svc)["state"] == "connected")
+            done = forward(svc)["forwarded"]
+            wait_for("records forwarded again", lambda: forward(svc)["forwarded"] > done + 1000)
+            assert forward(svc)["dropped"] >= exited["lost"]
+            assert svc.terminate() == 0
+            stopped = svc.wait_log("forward_stopped")
+        assert stopped["unforwarded"] == 0
+        assert [e for e in svc.errors() if "forwarding process exited" not in e] == []
+    finally:
+        nats.close()
+
+
+def test_a_subject_without_host_second_is_refused() -> None:
+    r = run_cli("config", env={"RINGSTREAM_FORWARD_SUBJECT": "ringstream.{type}"})
+    assert r.returncode == 2
+    assert "forward.subject: must be a subject" in r.stderr

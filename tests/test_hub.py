@@ -150,3 +150,57 @@ def test_a_hub_without_its_stream_exits_naming_it(tmp_path: Path) -> None:
         assert "hub.stream: no stream 'RINGSTREAM'" in "\n".join(svc.lines)
     finally:
         nats.close()
+
+
+def test_the_hub_goes_on_across_a_nats_restart_and_past_a_foreign_message(
+    tmp_path: Path,
+) -> None:
+    """nats-server SIGKILLed and restarted under the hub: what was on its way
+    in the dead connection is read again (ids 1..N, none missed). A message
+    under ringstream.> that is no ringstream record is delivered as raw,
+    counted, and the stream goes on after it."""
+    import asyncio
+
+    import nats as natspy
+
+    nats = NatsServer(tmp_path)
+    try:
+        (tmp_path / "edge").mkdir()
+        edge = Service(tmp_path / "edge", edge_config([nats.url], rate=2000))
+        try:
+            edge.wait_log("forward_connected")
+            (tmp_path / "hub").mkdir()
+            hub = Service(tmp_path / "hub", hub_config(nats.url, 100_000))
+            reader = curl_to(tmp_path / "hub.ndjson", hub.url("/events?from=1"))
+            wait_for("records at the hub", lambda: get_json(hub.url("/query"))["received"] > 2000)
+
+            async def foreign() -> None:
+                nc = await natspy.connect(nats.url)
+                await nc.jetstream().publish("ringstream.intruder.x", b"not json")
+                await nc.close()
+
+            asyncio.run(foreign())
+            nats.kill()
+            hub.wait_log("hub_disconnected")
+            nats.start()
+            hub.wait_log("hub_reconnected", timeout=60)
+            done = get_json(hub.url("/query"))["received"]
+            wait_for("records again", lambda: get_json(hub.url("/query"))["received"] > done + 2000)
+            assert edge.terminate() == 0
+            total = edge.wait_log("forward_stopped")["forwarded"] + 1  # and the foreign one
+            wait_for("all of them", lambda: get_json(hub.url("/query"))["last_seq"] >= total)
+            metrics = subprocess.run(
+                ["curl", "-s", hub.url("/metrics")], capture_output=True, text=True
+            ).stdout
+            assert "ringstream_hub_invalid_total 1.0" in metrics
+            assert hub.terminate() == 0
+            reader.wait(30)
+            recs = read_ndjson(tmp_path / "hub.ndjson")
+            assert [r["id"] for r in recs] == list(range(1, total + 1))
+            raw = [r for r in recs if r["type"] == "raw"]
+            assert len(raw) == 1 and raw[0]["host"] == "intruder"
+            assert hub.errors() == []
+        finally:
+            edge.close()
+    finally:
+        nats.close()

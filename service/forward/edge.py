@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections import deque
@@ -51,6 +52,7 @@ from service.forward import wire
 log = logging.getLogger("ringstream.forward")
 
 STREAM_SUBJECTS = "ringstream.>"
+DUPLICATE_WINDOW = 600.0  # seconds
 CHUNK = 1000  # records per write
 
 
@@ -67,6 +69,11 @@ class _Rec:
     ts_ns: int
     lost: int = 0  # records dropped before this one (its Ringstream-Lost)
     sent_at: float = 0.0  # monotonic
+
+
+def redact(urls: Any) -> list[str]:
+    """URLs as logs may show them: no user:password@."""
+    return [re.sub(r"//[^/@]*@", "//***@", u) for u in urls]
 
 
 def _connect_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,6 +150,7 @@ class Forwarder:
         self.retries = 0
         self.errors = 0
         self.reconnects = 0
+        self.too_big = 0  # of `dropped`: records past the server's max_payload
         self.nc: Any = None
         self.connected = False
         self.state = "connecting"  # connecting | connected | disconnected | stopped | failed
@@ -207,7 +215,7 @@ class Forwarder:
         why = str(e) or type(e).__name__
         log.warning(
             "NATS unreachable; forwarding retries, local streaming goes on",
-            extra={"event": "forward_unreachable", "urls": list(self.cfg["urls"]), "error": why},
+            extra={"event": "forward_unreachable", "urls": redact(self.cfg["urls"]), "error": why},
         )
 
     async def _retry_connect(self) -> None:
@@ -238,6 +246,7 @@ class Forwarder:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnect,
             reconnected_cb=self._on_reconnect,
+            closed_cb=self._on_closed,
             **self.options,
         )
         try:
@@ -275,7 +284,12 @@ class Forwarder:
             try:
                 await js.add_stream(
                     StreamConfig(
-                        name=self.stream, subjects=[STREAM_SUBJECTS], num_replicas=replicas
+                        name=self.stream,
+                        subjects=[STREAM_SUBJECTS],
+                        num_replicas=replicas,
+                        # a resend after an outage is dropped by its Msg-Id
+                        # only within this window (JetStream's default is 2 min)
+                        duplicate_window=DUPLICATE_WINDOW,
                     )
                 )
             except BadRequestError as e:
@@ -345,6 +359,19 @@ class Forwarder:
             self._resend()
             log.warning("NATS disconnected", extra={"event": "forward_disconnected"})
 
+    async def _on_closed(self) -> None:
+        """nats-py gives a connection up for good on a server's -ERR
+        (credentials expired, an authorization violation): connect anew."""
+        if self.state == "stopped" or self.nc is None:
+            return
+        self.nc = None
+        if self.connected:
+            self.connected = False
+            self._resend()
+        self.state = "connecting"
+        log.warning("NATS connection closed; connecting again", extra={"event": "forward_closed"})
+        self._tasks.append(asyncio.create_task(self._retry_connect(), name="forward-connect"))
+
     async def _on_reconnect(self) -> None:
         self.connected = True
         self.state = "connected"
@@ -365,7 +392,7 @@ class Forwarder:
         if rec is None:
             return  # acked already (a record sent twice), or sent again since
         data = msg.data
-        if b'"error"' in data or b'"seq"' not in data:
+        if data.startswith(b'{"error"') or b'"seq"' not in data:
             # not a PubAck: an error, or a status such as 503 "no responders"
             # (no stream leader, mid-election), which is empty but for a header
             self.errors += 1
@@ -423,8 +450,16 @@ class Forwarder:
         now = time.monotonic()
         nbytes = 0
         limit = self.inflight_limit
+        biggest = getattr(self.nc, "max_payload", 0) or 1 << 62
         while q and len(numbers) < most and (self.inflight_bytes + nbytes < limit or not inflight):
             rec = q.popleft()
+            if len(rec.line) + 128 > biggest:
+                # past the server's max_payload: it would close the connection
+                self.queued_bytes -= len(rec.line)
+                self.dropped += 1
+                self.too_big += 1
+                self.lost_unreported += 1 + rec.lost
+                continue
             if self.lost_unreported:
                 rec.lost += self.lost_unreported
                 self.lost_unreported = 0

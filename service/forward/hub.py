@@ -20,6 +20,7 @@ second token). A message that says records were lost before it
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -36,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from ringcore.frames import JSON_TYPE
 from service.batch import Batch
 from service.fanout import Gap, Hub
-from service.forward.edge import _connect_options
+from service.forward.edge import _connect_options, redact
 
 log = logging.getLogger("ringstream.hub")
 
@@ -88,6 +89,7 @@ class _Reader:
         self.sub: Any = None
         self.name = ""
         self.asked = 0  # messages asked for and not yet come (or expired)
+        self.cseq = 0  # the consumer's delivery sequence of the last message
         self.failed: str | None = None
 
     async def open(self) -> None:
@@ -122,7 +124,19 @@ class _Reader:
     async def _cb(self, msg: Any) -> None:
         status = msg.headers.get("Status") if msg.headers else None
         if status is None:
-            self.msgs.append(msg)
+            if self.failed:
+                return  # made again from the last one taken
+            meta = msg.metadata
+            cseq = meta.sequence.consumer
+            if self.cseq and cseq != self.cseq + 1:
+                # no acks (AckPolicy none): what a dead connection swallowed
+                # is never sent again; a consumer made anew from the last
+                # sequence had gets it
+                self.failed = f"delivery {self.cseq + 1} to {cseq - 1} missed"
+                self.ready.set()
+                return
+            self.cseq = cseq
+            self.msgs.append((msg, meta))
             self.asked -= 1
         elif status == "408":  # a request expired, answering what it could
             left = msg.headers.get("Nats-Pending-Messages")
@@ -142,14 +156,14 @@ class _Reader:
                     return
                 # nothing, not even an expiry: a request lost with a connection
                 self.asked = 0
-            if self.failed:
-                raise RuntimeError(f"pull consumer {self.name}: {self.failed}")
             msgs, self.msgs = self.msgs, []
             self.ready.clear()
-            while self.asked <= (self.REQUESTS - 1) * self.BATCH:
-                await self._ask()
             if msgs:
                 yield msgs
+            if self.failed:
+                raise RuntimeError(f"pull consumer {self.name}: {self.failed}")
+            while self.asked <= (self.REQUESTS - 1) * self.BATCH:
+                await self._ask()
 
     async def close(self) -> None:
         if self.sub is not None:
@@ -185,6 +199,10 @@ class NatsFeed:
         self.connected = False
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._reader: _Reader | None = None
+        self._loaded = asyncio.Event()
+        self._load_until = 0
+        self.invalid = 0
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -200,13 +218,14 @@ class NatsFeed:
                     connect_timeout=2,
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
+                    error_cb=self._on_error,
                     **self.options,
                 ),
                 timeout,
             )
         except Exception as e:
             why = str(e) or type(e).__name__
-            where = ", ".join(self.cfg["urls"])
+            where = ", ".join(redact(self.cfg["urls"]))
             raise HubStartError(f"hub.urls: cannot reach NATS at {where}: {why}") from None
         self.connected = True
         self.js = self.nc.jetstream()
@@ -225,7 +244,15 @@ class NatsFeed:
         # what the history will not hold: a resume before it reads the stream
         self.hub.history.evicted_last = start - 1
         self.last = start - 1
+        self._load_until = last
+        if last < start:
+            self._loaded.set()
         self._task = asyncio.create_task(self._follow(start), name="hub-follow")
+        # ready only with the history in: a resume up to last_seq must find it
+        try:
+            await asyncio.wait_for(self._loaded.wait(), 600)
+        except TimeoutError:
+            log.warning("the history is still loading", extra={"event": "hub_loading"})
         log.info(
             "reading the stream",
             extra={
@@ -259,8 +286,16 @@ class NatsFeed:
             self.connected = False
             log.warning("NATS disconnected", extra={"event": "hub_disconnected"})
 
+    async def _on_error(self, e: Exception) -> None:
+        # nats-py logs these at error level unless told where they go: a
+        # lost connection is an outage it recovers from, logged as such
+        log.info("NATS connection error", extra={"event": "hub_error", "error": str(e)})
+
     async def _on_reconnect(self) -> None:
         self.connected = True
+        if self._reader is not None:  # what was on its way is lost: again from last+1
+            self._reader.failed = "reconnected"
+            self._reader.ready.set()
         log.info("NATS reconnected", extra={"event": "hub_reconnected"})
 
     # --- reading ----------------------------------------------------------------
@@ -270,7 +305,7 @@ class NatsFeed:
         that fails (the consumer gone for good) is made again from the next
         sequence."""
         while not self._stopping:
-            reader = _Reader(self.js, self.nc, self.stream, self.last + 1)
+            reader = self._reader = _Reader(self.js, self.nc, self.stream, self.last + 1)
             try:
                 await reader.open()
                 async for msgs in reader.batches():
@@ -279,6 +314,8 @@ class NatsFeed:
                         self.last = batch.last
                         self.received += len(batch)
                         self.hub.publish(batch)
+                    if self.last >= self._load_until:
+                        self._loaded.set()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -289,15 +326,17 @@ class NatsFeed:
 
     def _batch(self, msgs: list[Any], after: int) -> Batch | None:
         lines, seqs, ts, types = [], [], [], []
-        for m in msgs:
-            seq = m.metadata.sequence.stream
+        for m, meta in msgs:
+            seq = meta.sequence.stream
             if seq <= after:
                 continue  # a consumer made again may begin with one already had
             after = seq
-            subject = m.subject
-            dot = subject.find(".") + 1
-            host = subject[dot : subject.find(".", dot)] if dot else ""
-            lost = (m.headers or {}).get("Ringstream-Lost") if m.headers else None
+            tokens = m.subject.split(".", 2)  # ringstream.{host}.{type}
+            host = tokens[1] if len(tokens) == 3 else ""
+            lost = m.headers.get("Ringstream-Lost") if m.headers else None
+            if lost is not None and not lost.isdigit():
+                self.invalid += 1
+                lost = None
             if lost is not None:
                 self.lost_reported += int(lost)
             line, t, tid = self._record(m.data, seq, host, lost)
@@ -314,18 +353,36 @@ class NatsFeed:
         first): spliced as bytes, a JSON round trip for anything else."""
         extra = b',"lost_before":%s' % lost.encode() if lost is not None else b""
         if data.startswith(b'{"id":') and (comma := data.find(b",", 6)) > 0:
-            head = b'{"id":%d,"host":"%s","edge_id":%s%s,' % (
-                seq,
-                host.encode(),
-                data[6:comma],
-                extra,
-            )
-            line = head + data[comma + 1 :]
-            t = _int_after(data, b'"ts_ns":', comma)
-            name = _str_after(data, b'"type":"', comma)
-            return line, t or time.time_ns(), self.type_ids.get(name, JSON_TYPE)
-        rec = orjson.loads(data)
-        out: dict[str, Any] = {"id": seq, "host": host, "edge_id": rec.pop("id", None)}
+            edge_id = data[6:comma]
+            if edge_id.isdigit():
+                # a subject may hold any character: the host goes in escaped
+                head = b'{"id":%d,"host":%s,"edge_id":%s%s,' % (
+                    seq,
+                    orjson.dumps(host),
+                    edge_id,
+                    extra,
+                )
+                line = head + data[comma + 1 :]
+                t = _int_after(data, b'"ts_ns":', comma)
+                name = _str_after(data, b'"type":"', comma)
+                return line, t or time.time_ns(), self.type_ids.get(name, JSON_TYPE)
+        try:
+            rec = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict):
+            # not a ringstream record (something else published under
+            # ringstream.>): delivered whole, as raw, and counted
+            self.invalid += 1
+            out = {
+                "id": seq,
+                "host": host,
+                "type": "raw",
+                "error": "not a JSON record",
+                "raw": base64.b64encode(data).decode(),
+            }
+            return orjson.dumps(out), time.time_ns(), 0
+        out = {"id": seq, "host": host, "edge_id": rec.pop("id", None)}
         if lost is not None:
             out["lost_before"] = int(lost)
         out.update(rec)
@@ -357,6 +414,8 @@ class NatsFeed:
                     continue
                 if batch.last > until:
                     batch = batch.slice(0, sum(1 for p in batch.positions if p <= until))
+                    if not batch.lines:
+                        return  # all past `until` (the record at it deleted)
                 if got == after and batch.first > after + 1:
                     # the stream no longer has the first of them (its limits
                     # discard the oldest, even while this reads)
@@ -395,6 +454,11 @@ class NatsFeed:
             "ringstream_hub_catchups",
             "Resumes older than the history, read from the stream",
             value=self.catchups,
+        )
+        yield CounterMetricFamily(
+            "ringstream_hub_invalid",
+            "Messages in the stream that were no ringstream record (delivered as raw)",
+            value=self.invalid,
         )
         yield GaugeMetricFamily(
             "ringstream_hub_connected", "1 while connected to NATS", value=int(self.connected)

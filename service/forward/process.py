@@ -48,6 +48,7 @@ HEAD = struct.Struct("<BIQd")
 CHUNK_BYTES = 60 * 1024
 SOCKET_BUFFER = 8 * 1024 * 1024
 STATUS_EVERY = 0.25
+COUNTERS = ("forwarded", "duplicates", "dropped", "retries", "errors", "reconnects")
 
 
 def _pack(batch: Batch, start: int, stop: int, lost: int) -> bytes:
@@ -126,6 +127,9 @@ class ForwardProcess:
         }
         self.lost = 0  # dropped here (the socket full), not yet told to the child
         self.dropped_here = 0
+        # the counts of children that died, so the counters only grow
+        self.retired = dict.fromkeys(COUNTERS, 0)
+        self._restart: asyncio.Task[None] | None = None
         self.sock: socket.socket | None = None
         self.proc: Any = None
         self._first: asyncio.Future[dict[str, Any]] | None = None
@@ -181,13 +185,8 @@ class ForwardProcess:
                     self._first.set_result({"event": "failed", "error": "forward: exited"})
                 if self._stopped is not None and not self._stopped.done():
                     self._stopped.set_result({})
-                if self.status_.get("state") != "stopped":
-                    self.status_["state"] = "failed"
-                    self.status_["connected"] = False
-                    log.error(
-                        "the forwarding process exited; records are no longer forwarded",
-                        extra={"event": "forward_process_exited"},
-                    )
+                if self.status_.get("state") not in ("stopped", "stopping"):
+                    self._lost_child()
                 return
             msg = orjson.loads(data)
             event = msg.pop("event", "status")
@@ -197,6 +196,38 @@ class ForwardProcess:
                 self._first.set_result({"event": event, **msg})
             if event == "stopped" and self._stopped is not None and not self._stopped.done():
                 self._stopped.set_result(msg)
+
+    def _lost_child(self) -> None:
+        """The child died: what it held is lost (counted, and said in the
+        stream by the next chunk), and a new one starts."""
+        held = int(self.status_.get("lag_records", 0))
+        self.dropped_here += held
+        self.lost += held
+        for key in COUNTERS:
+            self.retired[key] += int(self.status_.get(key, 0))
+            self.status_[key] = 0
+        for key in ("buffer_bytes", "in_flight", "lag_records", "lag_seconds"):
+            self.status_[key] = 0
+        self.status_.update(state="restarting", connected=False)
+        log.error(
+            "the forwarding process exited; starting another",
+            extra={"event": "forward_process_exited", "lost": held},
+        )
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self._restart = asyncio.get_running_loop().create_task(self._again())
+
+    async def _again(self) -> None:
+        delay = 1.0
+        while self.status_.get("state") == "restarting":
+            await asyncio.sleep(delay)
+            try:
+                await self.start()
+                return
+            except ForwardConfigError as e:
+                log.error(str(e), extra={"event": "forward_failed"})
+                delay = min(30.0, delay * 2)
 
     def offer(self, batch: Batch) -> None:
         sock = self.sock
@@ -221,6 +252,9 @@ class ForwardProcess:
             i = j
 
     async def stop(self, deadline: float) -> None:
+        self.status_["state"] = "stopping"
+        if self._restart is not None:
+            self._restart.cancel()
         if self.sock is not None and self.proc is not None and self.proc.is_alive():
             left = max(0.0, deadline - time.monotonic())
             with contextlib.suppress(OSError):
@@ -244,8 +278,11 @@ class ForwardProcess:
 
     def status(self) -> dict[str, Any]:
         st = dict(self.status_)
-        # drops the child has not heard of yet are drops all the same
-        st["dropped"] = st.get("dropped", 0) + self.lost
+        # the child counts its drops, this side its own (a full socket, a
+        # dead child's buffer): both only ever grow
+        for key in COUNTERS:
+            st[key] = st.get(key, 0) + self.retired[key]
+        st["dropped"] += self.dropped_here
         return st
 
     def collect(self) -> Iterator[Metric]:
@@ -310,22 +347,26 @@ async def _child(
     tell("started", fwd.status())
     stop: asyncio.Future[float] = loop.create_future()
 
+    # a datagram longer than the buffer would be cut short, silently: the
+    # buffer is the socket's own size, which no datagram can pass
+    buf = bytearray(SOCKET_BUFFER + 4096)
+
     def readable() -> None:
         while True:
             try:
-                data = sock.recv(1 << 20)
+                n = sock.recv_into(buf)
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
+                n = 0
+            data = bytes(memoryview(buf)[:n])
             if not data:  # the service is gone
                 if not stop.done():
                     stop.set_result(0.0)
                 return
             kind, lost, left, batch = _unpack(data)
-            if lost:
+            if lost:  # dropped by the service (counted there): said in the stream
                 fwd.lost_unreported += lost
-                fwd.dropped += lost
             if batch is not None:
                 fwd.offer(batch)
             if kind == 1 and not stop.done():
