@@ -92,18 +92,24 @@ def metrics(svc: Service) -> dict[str, float]:
         return parse_metrics(r.read().decode())
 
 
+def _count_records(svc: Service) -> list[int]:
+    """The local subscriber: a thread counting /events lines into got[0]."""
+    got = [0]
+
+    def read() -> None:
+        with urllib.request.urlopen(svc.url("/events"), timeout=600) as r:
+            for line in r:
+                got[0] += line.count(b"\n")
+
+    threading.Thread(target=read, daemon=True).start()
+    return got
+
+
 def local_only(tmp: Path, rate: int, seconds: float) -> float:
     """The peer: the local subscriber's rate at this source rate, no forwarding."""
     config = CONFIG.replace('urls = ["{url}"]', "urls = []").replace("{rate}", str(rate))
     with Service(tmp, config) as svc:
-        got = [0]
-
-        def read() -> None:
-            with urllib.request.urlopen(svc.url("/events"), timeout=600) as r:
-                for line in r:
-                    got[0] += line.count(b"\n")
-
-        threading.Thread(target=read, daemon=True).start()
+        got = _count_records(svc)
         time.sleep(3)
         g0, t0 = got[0], time.monotonic()
         time.sleep(seconds)
@@ -116,14 +122,7 @@ def run(tmp: Path, nats: NatsServer, rate: int, seconds: float) -> dict[str, flo
     config = CONFIG.replace("{url}", nats.url).replace("{rate}", str(rate))
     with Service(tmp, config) as svc:
         svc.wait_log("forward_connected")
-        got = [0]
-
-        def read() -> None:
-            with urllib.request.urlopen(svc.url("/events"), timeout=600) as r:
-                for line in r:
-                    got[0] += line.count(b"\n")
-
-        threading.Thread(target=read, daemon=True).start()
+        got = _count_records(svc)
         time.sleep(3)  # warm-up
         m0, g0, t0 = metrics(svc), got[0], time.monotonic()
         time.sleep(seconds)

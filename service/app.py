@@ -243,13 +243,9 @@ class Service:
 
     # --- the components, in start order ------------------------------------
 
-    async def _ring(self) -> AsyncIterator[None]:
-        """The ring, allocated up front (so it fails now, not with SIGBUS later),
-        and what reads it: the hub, the consumer, the metrics."""
-        cfg = self.cfg
-        self.ring = ring = create_ring(cfg)
-        subs = cfg["subscribers"]
-        self.hub = Hub(
+    def _fan_out(self) -> Hub:
+        subs = self.cfg["subscribers"]
+        return Hub(
             queue_records=subs["queue_records"],
             queue_bytes=subs["queue_bytes"],
             policy=subs["policy"],
@@ -257,6 +253,33 @@ class Service:
             history_bytes=subs["history_bytes"],
             budget_bytes=subs["memory_budget"],
         )
+
+    def _shared_state(self, ring: ringcore.Ring | None, consumer: RingConsumer | None) -> State:
+        """The metrics registry and what the endpoints share (a hub: no ring,
+        no consumer)."""
+        self.registry = CollectorRegistry(auto_describe=True)
+        latency = Latency()
+        self.registry.register(latency)
+        return State(
+            ring=ring,  # type: ignore[arg-type]
+            hub=self.hub,
+            consumer=consumer,  # type: ignore[arg-type]
+            filters=FilterSchema(
+                {s.name: s.type_id for s in self.schemas},
+                (f.name for s in self.schemas for f in s.fields),
+            ),
+            registry=self.registry,
+            latency=latency,
+            settings=self.cfg["subscribers"],
+            batch=self.cfg["consumer"]["batch"],
+        )
+
+    async def _ring(self) -> AsyncIterator[None]:
+        """The ring, allocated up front (so it fails now, not with SIGBUS later),
+        and what reads it: the hub, the consumer, the metrics."""
+        cfg = self.cfg
+        self.ring = ring = create_ring(cfg)
+        self.hub = self._fan_out()
         self.consumer = RingConsumer(
             ring,
             self.encoder,
@@ -265,22 +288,7 @@ class Service:
             stall_recheck=cfg["consumer"]["stall_recheck"],
             coalesce=cfg["consumer"]["coalesce"],
         )
-        self.registry = CollectorRegistry(auto_describe=True)
-        latency = Latency()
-        self.registry.register(latency)
-        self.state = State(
-            ring=ring,
-            hub=self.hub,
-            consumer=self.consumer,
-            filters=FilterSchema(
-                {s.name: s.type_id for s in self.schemas},
-                (f.name for s in self.schemas for f in s.fields),
-            ),
-            registry=self.registry,
-            latency=latency,
-            settings=subs,
-            batch=cfg["consumer"]["batch"],
-        )
+        self.state = self._shared_state(ring, self.consumer)
         try:
             yield
         finally:
@@ -300,34 +308,10 @@ class Service:
 
     async def _hub_state(self) -> AsyncIterator[None]:
         """A hub's fan-out and what the endpoints share: no ring, no consumer."""
-        cfg = self.cfg
-        subs = cfg["subscribers"]
         self.ring = None  # type: ignore[assignment]
         self.attach = None
-        self.hub = Hub(
-            queue_records=subs["queue_records"],
-            queue_bytes=subs["queue_bytes"],
-            policy=subs["policy"],
-            history_records=subs["history_records"],
-            history_bytes=subs["history_bytes"],
-            budget_bytes=subs["memory_budget"],
-        )
-        self.registry = CollectorRegistry(auto_describe=True)
-        latency = Latency()
-        self.registry.register(latency)
-        self.state = State(
-            ring=None,  # type: ignore[arg-type]
-            hub=self.hub,
-            consumer=None,  # type: ignore[arg-type]
-            filters=FilterSchema(
-                {s.name: s.type_id for s in self.schemas},
-                (f.name for s in self.schemas for f in s.fields),
-            ),
-            registry=self.registry,
-            latency=latency,
-            settings=subs,
-            batch=cfg["consumer"]["batch"],
-        )
+        self.hub = self._fan_out()
+        self.state = self._shared_state(None, None)
         try:
             yield
         finally:

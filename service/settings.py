@@ -198,6 +198,19 @@ def _subject(value: object, key: str) -> str:
     return value
 
 
+# how [forward] and [hub] reach NATS, as nats-py takes it
+_NATS_CREDENTIALS: dict[str, Callable[[Any, str], Any]] = {
+    "creds_file": _str,
+    "user": _str,
+    "password": _str,
+    "password_file": _str,
+    "token": _str,
+    "token_file": _str,
+    "tls_ca": _str,
+    "tls_cert": _str,
+    "tls_key": _str,
+}
+
 # section -> key -> checker; the keys of config/default.toml, all of them
 SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "server": {
@@ -269,28 +282,12 @@ SPEC: dict[str, dict[str, Callable[[Any, str], Any]]] = {
         "buffer_bytes": parse_size,
         "max_inflight": _int(1, 1_000_000),
         "ack_timeout": _seconds(positive=True),
-        "creds_file": _str,
-        "user": _str,
-        "password": _str,
-        "password_file": _str,
-        "token": _str,
-        "token_file": _str,
-        "tls_ca": _str,
-        "tls_cert": _str,
-        "tls_key": _str,
+        **_NATS_CREDENTIALS,
     },
     "hub": {
         "urls": _nats_urls,
         "stream": _stream_name,
-        "creds_file": _str,
-        "user": _str,
-        "password": _str,
-        "password_file": _str,
-        "token": _str,
-        "token_file": _str,
-        "tls_ca": _str,
-        "tls_cert": _str,
-        "tls_key": _str,
+        **_NATS_CREDENTIALS,
     },
     "log": {
         "format": _choice("json", "plain"),

@@ -9,14 +9,13 @@ import os
 import re
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 from natsctl import Cluster, NatsServer, make_stream, read_stream
 from servicectl import BASE_CONFIG, Service, get_json, http_get, run_cli
+from test_deploy import wait_for
 
 
 def config(urls: list[str], rate: int = 2000, extra: str = "") -> str:
@@ -34,14 +33,6 @@ rate = {rate}
 size = 64
 """
     )
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (got := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return got
 
 
 def forward(svc: Service) -> dict[str, Any]:
@@ -196,19 +187,22 @@ def test_a_malformed_url_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert "forward.urls[0]: must be a NATS URL" in r.stderr
 
 
-def test_a_stream_that_does_not_match_is_a_start_error(tmp_path: Path) -> None:
-    nats = NatsServer(tmp_path)
+def start_error(tmp: Path, stream: str, subjects: list[str]) -> str:
+    """An edge started beside a stream made first: its exit 2 and its log."""
+    nats = NatsServer(tmp)
     try:
-        make_stream(nats.url, "RINGSTREAM", ["elsewhere.>"])
-        svc = Service(tmp_path, config([nats.url]), wait_ready=False)
+        make_stream(nats.url, stream, subjects)
+        svc = Service(tmp, config([nats.url]), wait_ready=False)
         assert svc.proc.wait(60) == 2
         svc.close()
-        text = "\n".join(svc.lines)
-        assert (
-            "forward.stream: the stream 'RINGSTREAM' exists with subjects ['elsewhere.>']" in text
-        )
+        return "\n".join(svc.lines)
     finally:
         nats.close()
+
+
+def test_a_stream_that_does_not_match_is_a_start_error(tmp_path: Path) -> None:
+    text = start_error(tmp_path, "RINGSTREAM", ["elsewhere.>"])
+    assert "forward.stream: the stream 'RINGSTREAM' exists with subjects ['elsewhere.>']" in text
 
 
 def test_the_nats_py_internals_the_edge_writes_through_exist() -> None:
@@ -236,17 +230,9 @@ def test_the_nats_py_internals_the_edge_writes_through_exist() -> None:
 def test_a_stream_the_server_refuses_to_make_is_a_start_error(tmp_path: Path) -> None:
     """Another stream already takes ringstream.>: the server says no, and
     that is a config error naming the key, not an outage to retry."""
-    nats = NatsServer(tmp_path)
-    try:
-        make_stream(nats.url, "OTHER", ["ringstream.>"])
-        svc = Service(tmp_path, config([nats.url]), wait_ready=False)
-        assert svc.proc.wait(60) == 2
-        svc.close()
-        text = "\n".join(svc.lines)
-        assert "forward.stream: cannot create the stream 'RINGSTREAM'" in text
-        assert "subjects overlap with an existing stream" in text
-    finally:
-        nats.close()
+    text = start_error(tmp_path, "OTHER", ["ringstream.>"])
+    assert "forward.stream: cannot create the stream 'RINGSTREAM'" in text
+    assert "subjects overlap with an existing stream" in text
 
 
 def test_a_dead_forwarding_process_is_replaced_and_its_loss_counted(tmp_path: Path) -> None:

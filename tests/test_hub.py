@@ -14,8 +14,9 @@ from typing import Any
 import orjson
 from natsctl import NatsServer, make_stream
 from servicectl import BASE_CONFIG, Service, get_json
+from test_deploy import wait_for
 from test_forward import config as edge_config
-from test_forward import local_stream, records_in, wait_for
+from test_forward import local_stream, records_in
 
 
 def hub_config(url: str, history: int) -> str:
