@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -93,13 +95,17 @@ def metrics(svc: Service) -> dict[str, float]:
 
 
 def _count_records(svc: Service) -> list[int]:
-    """The local subscriber: a thread counting /events lines into got[0]."""
+    """The local subscriber: `curl -N` on /events, its lines counted into
+    got[0] by a thread reading big chunks (a Python reader a line at a time
+    would take a third of a core at 150 k/s, from the same 2 CPUs)."""
     got = [0]
+    curl = subprocess.Popen(["curl", "-sN", svc.url("/events")], stdout=subprocess.PIPE)
+    assert curl.stdout is not None
+    fd = curl.stdout.fileno()
 
     def read() -> None:
-        with urllib.request.urlopen(svc.url("/events"), timeout=600) as r:
-            for line in r:
-                got[0] += line.count(b"\n")
+        while chunk := os.read(fd, 1 << 20):
+            got[0] += chunk.count(b"\n")
 
     threading.Thread(target=read, daemon=True).start()
     return got

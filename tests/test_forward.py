@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from natsctl import Cluster, NatsServer, make_stream, read_stream
 from servicectl import BASE_CONFIG, Service, get_json, http_get, run_cli
 from test_deploy import wait_for
@@ -79,6 +80,7 @@ def test_every_record_is_in_the_stream_once_across_a_nats_kill_and_restart(
         with Service(tmp_path, config([nats.url])) as svc:
             curl = local_stream(svc, tmp_path / "local.ndjson")
             svc.wait_log("forward_connected")
+            assert forward(svc)["acks"] == "batch"  # the stream it made takes batches
             wait_for("records forwarded", lambda: forward(svc)["forwarded"] > 2000)
             nats.kill()
             svc.wait_log("forward_disconnected")
@@ -109,6 +111,55 @@ def test_every_record_is_in_the_stream_once_across_a_nats_kill_and_restart(
             read_stream(nats.url, "RINGSTREAM", stopped["forwarded"]), local, {epoch}
         )
         assert svc.errors() == []
+    finally:
+        nats.close()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batches", "a-pubAck-a-record"])
+def test_a_record_the_stream_refuses_for_good_is_dropped_counted_and_said(
+    tmp_path: Path, batched: bool
+) -> None:
+    """A stream made beforehand, with a max_msg_size, and with or without
+    allow_batched (the edge then acks by batch or by record): an ingested
+    record past the size is refused by JetStream; it is dropped, counted and
+    said by the next message's Ringstream-Lost, not sent again forever, and
+    every other record is in the stream once."""
+    nats = NatsServer(tmp_path)
+    try:
+        make_stream(
+            nats.url,
+            "RINGSTREAM",
+            ["ringstream.>"],
+            duplicate_window=600.0,
+            max_msg_size=4096,
+            allow_batched=batched,
+        )
+        extra = "\n[ingest]\nenabled = true\n"
+        with Service(tmp_path, config([nats.url]) + extra) as svc:
+            curl = local_stream(svc, tmp_path / "local.ndjson")
+            svc.wait_log("forward_connected")
+            assert forward(svc)["acks"] == ("batch" if batched else "record")
+            wait_for("records forwarded", lambda: forward(svc)["forwarded"] > 500)
+            r = subprocess.run(
+                ["curl", "-s", "-w", "%{http_code}", "--data-binary", "@-", svc.url("/ingest")],
+                input=orjson.dumps({"type": "big", "blob": "x" * 10_000}),
+                capture_output=True,
+                timeout=30,
+            )
+            assert r.stdout.endswith(b"200"), r.stdout
+            wait_for("the refusal counted", lambda: forward(svc)["dropped"] == 1)
+            after = forward(svc)["forwarded"]
+            wait_for("records after it", lambda: forward(svc)["forwarded"] > after + 500)
+            epoch = get_json(svc.url("/query"))["epoch"]
+            assert svc.terminate() == 0
+            curl.wait(30)
+            stopped = svc.wait_log("forward_stopped")
+        assert stopped["dropped"] == 1 and stopped["unforwarded"] == 0
+        local = records_in(tmp_path / "local.ndjson")
+        messages = read_stream(nats.url, "RINGSTREAM", stopped["forwarded"])
+        check_exactly_once(messages, local, {epoch})
+        lost = [h["Ringstream-Lost"] for _, _, h, _ in messages if "Ringstream-Lost" in h]
+        assert lost == ["1"]
     finally:
         nats.close()
 
@@ -216,9 +267,7 @@ def test_the_nats_py_internals_the_edge_writes_through_exist() -> None:
 
     for name in (wire.SEND, wire.FLUSH):
         assert inspect.iscoroutinefunction(getattr(Client, name)), name
-    frame = wire.frames(
-        [b"ringstream.h.t"], b"_INBOX.x.", [7], b"h-e-", [42], [b'{"id":42}'], {7: 3}
-    )
+    frame = wire.frames([b"ringstream.h.t"], [b"_INBOX.x.7"], b"h-e-", [42], [b'{"id":42}'], {0: 3})
     hdr = b"NATS/1.0\r\nNats-Msg-Id: h-e-42\r\nRingstream-Lost: 3\r\n\r\n"
     assert frame == b'HPUB ringstream.h.t _INBOX.x.7 %d %d\r\n%s{"id":42}\r\n' % (
         len(hdr),

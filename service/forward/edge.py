@@ -3,19 +3,30 @@ and counted as forwarded only when its PubAck has come back.
 
     consumer -> Hub.publish -> offer()            (a deque append: never waits)
                                  |
-           queue: not sent yet, oldest first      in flight: sent, no PubAck yet
-           [r9 r10 r11 ...]   -- sender task -->  {n: record}, <= max_inflight and
-                   ^                               <= half of buffer_bytes
-                   '-- back to the front after a disconnect or a late ack --'
+           queue: not sent yet, oldest first      in flight: sent, not acked yet
+           [r9 r10 r11 ...]   -- sender task -->  batch: [r5 r6 r7 r8] (batch seqs)
+                   ^                               single: {n: record}
+                   |                               together <= max_inflight and
+                   |                               <= half of buffer_bytes
+                   '-- back to the front after a disconnect, a failed batch
+                       or a late ack, to go "single" this time --'
                                  |
-           PubAck on <inbox>.<n>: record n leaves, forwarded
+           batch: a flow ack "stored up to S" every few hundred records, and
+                  the batch's PubAck at its end: those records are forwarded
+           single: PubAck on <inbox>.<n>: record n leaves, forwarded
 
-Each record gets a forward number n; its reply subject ends in n, so an ack
-names its record, in whatever order acks come. After a disconnect, or when
-an ack is later than ack_timeout, what was in flight goes back to the front
-of the queue and is sent again with the same Nats-Msg-Id: JetStream drops
-the copy within its duplicate_window and says so ("duplicate": true). A
-record leaves the in-flight set at its first ack, so each counts once.
+On a stream made with allow_batched (nats-server 2.14+), records never sent
+before go out in one open JetStream fast-ingest batch (fastbatch.py), which
+is committed when the edge has had nothing to send for a moment. Otherwise,
+and for every record sent again, a record is a message with its own PubAck:
+its reply subject ends in its forward number n, so the ack names it, in
+whatever order acks come.
+
+After a disconnect, a batch the server ended early, or an ack later than
+ack_timeout, what was in flight goes back to the front of the queue and is
+sent again with the same Nats-Msg-Id: JetStream drops the copy within its
+duplicate_window and says so ("duplicate": true). A record leaves the
+in-flight set at its first ack, so each counts once.
 
 Nats-Msg-Id is "<host>-<epoch>-<id>": the epoch is new on every start, so
 a run never reuses an id of an earlier one while ids start again at 0.
@@ -47,7 +58,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from service.batch import Batch
-from service.forward import wire
+from service.forward import fastbatch, wire
 
 log = logging.getLogger("ringstream.forward")
 
@@ -69,6 +80,8 @@ class _Rec:
     ts_ns: int
     lost: int = 0  # records dropped before this one (its Ringstream-Lost)
     sent_at: float = 0.0  # monotonic
+    bseq: int = 0  # its sequence in the open batch
+    resent: bool = False  # sent before: may be in the stream already
 
 
 def redact(urls: Any) -> list[str]:
@@ -136,7 +149,16 @@ class Forwarder:
         self.max_inflight = cfg["max_inflight"]
         self.ack_timeout = cfg["ack_timeout"]
         self.queue: deque[_Rec] = deque()
-        self.inflight: dict[int, _Rec] = {}  # in the order sent
+        self.inflight: dict[int, _Rec] = {}  # single: in the order sent
+        self.batch: deque[_Rec] = deque()  # in the open batch, by batch seq
+        self.batched = False  # the stream takes fast-ingest batches
+        self._batch_id: bytes | None = None  # the open batch
+        self._batches = 0
+        self._bseq = 0  # the open batch's last sequence sent
+        self._committing = False  # its commit sent, its PubAck not back
+        self._refused = 0  # the batch seq the server refused for good
+        self._hold_until = 0.0  # no new batch before (monotonic)
+        self._batch_sent_at = 0.0
         self.queued_bytes = 0
         self.inflight_bytes = 0
         self.inflight_limit = max(1, self.buffer_limit // 2)
@@ -189,7 +211,11 @@ class Forwarder:
 
     @property
     def unacked(self) -> int:
-        return len(self.queue) + len(self.inflight)
+        return len(self.queue) + len(self.inflight) + len(self.batch)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.inflight) + len(self.batch)
 
     @property
     def buffer_bytes(self) -> int:
@@ -253,7 +279,7 @@ class Forwarder:
             await self._check_stream(nc)
             prefix = nc.new_inbox()
             await nc.subscribe(
-                prefix + ".*",
+                prefix + ".>",
                 cb=self._on_ack,
                 pending_msgs_limit=4 * self.max_inflight + 1000,
                 pending_bytes_limit=-1,
@@ -271,9 +297,15 @@ class Forwarder:
                 "event": "forward_connected",
                 "server": nc.connected_url.netloc if nc.connected_url else None,
                 "stream": self.stream,
+                "acks": self.acks,
             },
         )
         self._wake.set()
+
+    @property
+    def acks(self) -> str:
+        """How records are acknowledged: "batch" (fast ingest) or "record"."""
+        return "batch" if self.batched else "record"
 
     async def _check_stream(self, nc: Any) -> None:
         js = nc.jetstream()
@@ -282,7 +314,7 @@ class Forwarder:
             info = await js.stream_info(self.stream)
         except NotFoundError:
             try:
-                await js.add_stream(
+                made = await js.add_stream(
                     StreamConfig(
                         name=self.stream,
                         subjects=[STREAM_SUBJECTS],
@@ -290,6 +322,9 @@ class Forwarder:
                         # a resend after an outage is dropped by its Msg-Id
                         # only within this window (JetStream's default is 2 min)
                         duplicate_window=DUPLICATE_WINDOW,
+                        # fast-ingest batches; a server before 2.14 ignores it
+                        # and says so by leaving it out of the config it returns
+                        allow_batched=True,
                     )
                 )
             except BadRequestError as e:
@@ -299,16 +334,20 @@ class Forwarder:
                     f"forward.stream: cannot create the stream {self.stream!r} "
                     f"(subjects {STREAM_SUBJECTS!r}, {replicas} replicas): {e.description}"
                 ) from None
+            self.batched = bool(made.config.allow_batched)
             log.info(
                 "stream created",
                 extra={
                     "event": "forward_stream_created",
                     "stream": self.stream,
                     "replicas": replicas,
+                    "acks": self.acks,
                 },
             )
             return
         c = info.config
+        # a stream made without allow_batched is used as it is: a PubAck a record
+        self.batched = bool(c.allow_batched)
         problems = []
         if STREAM_SUBJECTS not in (c.subjects or []):
             problems.append(f"subjects {c.subjects} (forward wants {STREAM_SUBJECTS!r} among them)")
@@ -387,6 +426,9 @@ class Forwarder:
 
     async def _on_ack(self, msg: Any) -> None:
         subject = msg.subject
+        if subject.endswith(".$FI"):
+            self._on_batch_answer(msg)
+            return
         n = int(subject[subject.rfind(".") + 1 :])
         rec = self.inflight.get(n)
         if rec is None:
@@ -397,104 +439,258 @@ class Forwarder:
             # (no stream leader, mid-election), which is empty but for a header
             self.errors += 1
             self._nak(msg)
-            return  # the ack timer sends it again
+            if b'"err_code":%d' % fastbatch.TOO_BIG in data:
+                # refused for good (the stream's max_msg_size): sending it
+                # again would not change that
+                del self.inflight[n]
+                self.inflight_bytes -= len(rec.line)
+                self.dropped += 1
+                self.too_big += 1
+                self.lost_unreported += 1 + rec.lost
+            return  # else the ack timer sends it again
         del self.inflight[n]
         self.inflight_bytes -= len(rec.line)
         self.forwarded += 1
         if b'"duplicate":true' in data:
             self.duplicates += 1
-        if self.queue and len(self.inflight) < self.max_inflight:
+        if self.queue and self.in_flight < self.max_inflight:
             self._wake.set()
 
-    def _nak(self, msg: Any) -> None:
+    def _on_batch_answer(self, msg: Any) -> None:
+        if self._batch_id is None or fastbatch.batch_of(msg.subject) != self._batch_id.decode():
+            return  # of a batch given up already: its records are sent again
+        kind, seq, error = fastbatch.parse(msg.data)
+        if kind == fastbatch.ACK:
+            self._stored_upto(seq)
+        elif kind == fastbatch.END:
+            self._stored_upto(seq)
+            self._end_batch()
+        elif kind == fastbatch.ERR:
+            # the batch ends with the message before it; its PubAck follows
+            self.errors += 1
+            self._nak(msg, error)
+            if error and error.get("err_code") == fastbatch.TOO_BIG:
+                self._refused = seq
+        elif kind == fastbatch.GAP:
+            self.errors += 1  # cannot be, on one TCP connection; the PubAck follows
+            self._nak(msg, {"description": f"gap in the batch after {seq}"})
+        else:  # never started (or a 503 mid-election): all of it again, later
+            self.errors += 1
+            self._nak(msg, error)
+            if error and error.get("err_code") == fastbatch.DISABLED:
+                self.batched = False
+                log.info(
+                    "the stream no longer takes batches; a PubAck a record",
+                    extra={"event": "forward_batches_off", "stream": self.stream},
+                )
+            self._end_batch(hold=True)
+
+    def _stored_upto(self, bseq: int) -> None:
+        b, n, nbytes = self.batch, 0, 0
+        while b and b[0].bseq <= bseq:
+            nbytes += len(b.popleft().line)
+            n += 1
+        self.inflight_bytes -= nbytes
+        self.forwarded += n
+        if n and self.queue and self.in_flight < self.max_inflight:
+            self._wake.set()
+
+    def _end_batch(self, hold: bool = False) -> None:
+        """The batch is over; what it left unstored is sent again, singly,
+        but a record refused for good, which is dropped and counted."""
+        self._batch_id = None
+        self._committing = False
+        b = self.batch
+        if b and self._refused and b[0].bseq == self._refused:
+            rec = b.popleft()
+            self.inflight_bytes -= len(rec.line)
+            self.dropped += 1
+            self.too_big += 1
+            self.lost_unreported += 1 + rec.lost
+        self._refused = 0
+        if b:
+            self._resend()
+        if hold:
+            self._hold_until = time.monotonic() + fastbatch.HOLD
+        self._wake.set()
+
+    def _nak(self, msg: Any, error: Mapping[str, Any] | None = None) -> None:
         now = time.monotonic()
         if now - self._nak_logged < 1.0:
             return  # an election answers thousands of records at once: once a second
         self._nak_logged = now
-        try:
-            why = orjson.loads(msg.data)["error"].get("description")
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            status = (msg.headers or {}).get("Status")
-            why = f"status {status}" if status else msg.data[:200].decode(errors="replace")
+        if error is not None:
+            why = error.get("description")
+        else:
+            try:
+                why = orjson.loads(msg.data)["error"].get("description")
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                status = (msg.headers or {}).get("Status")
+                why = f"status {status}" if status else msg.data[:200].decode(errors="replace")
         log.info("not acknowledged; sent again", extra={"event": "forward_nak", "error": why})
 
     # --- sending -----------------------------------------------------------------
 
     def _resend(self) -> None:
-        recs = list(self.inflight.values())
+        recs = list(self.inflight.values()) + list(self.batch)
+        self._batch_id = None
+        self._committing = False
         if not recs:
             return
         recs.sort(key=lambda r: r.n)
+        for r in recs:
+            r.resent = True
         self.inflight.clear()
+        self.batch.clear()
         self.queue.extendleft(reversed(recs))
         moved = sum(len(r.line) for r in recs)
         self.inflight_bytes -= moved
         self.queued_bytes += moved
         self.retries += len(recs)
 
+    def _sendable(self) -> bool:
+        if not (self.connected and self.nc is not None and self.queue):
+            return False
+        if self.in_flight >= self.max_inflight or self.inflight_bytes >= self.inflight_limit:
+            return False
+        return not self._batch_waits(self.queue[0])
+
+    def _batch_waits(self, rec: _Rec) -> bool:
+        """A record for a batch waits while the last one commits or after one failed."""
+        if not self.batched or rec.resent:
+            return False
+        if self._committing:
+            return True  # what is sent after the commit the server would skip
+        return self._batch_id is None and time.monotonic() < self._hold_until
+
     async def _send_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            timeout = self._timeout()
+            if timeout is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
-            while self.connected and self.nc is not None and self.queue:
-                room = self.max_inflight - len(self.inflight)
-                if room <= 0 or self.inflight_bytes >= self.inflight_limit:
-                    break
-                await self._send(min(CHUNK, room))
+            while self._sendable():
+                await self._send(min(CHUNK, self.max_inflight - self.in_flight))
                 await asyncio.sleep(0)  # the consumer and the subscribers first
+            if (
+                self._batch_id is not None
+                and not self._committing
+                and self.connected
+                and time.monotonic() - self._batch_sent_at >= fastbatch.LINGER
+                # with records waiting and FLOW unacked, a flow ack is due anyway
+                and (not self.queue or len(self.batch) < fastbatch.FLOW)
+            ):
+                await self._commit()
 
-    async def _send(self, most: int) -> None:
-        q, inflight = self.queue, self.inflight
-        subjects, ids, lines, numbers = [], [], [], []
-        lost: dict[int, int] = {}
+    def _timeout(self) -> float | None:
+        """When the loop must look again by itself: to commit an open batch
+        once idle, or to start one when a hold ends."""
         now = time.monotonic()
-        nbytes = 0
-        limit = self.inflight_limit
-        biggest = getattr(self.nc, "max_payload", 0) or 1 << 62
-        while q and len(numbers) < most and (self.inflight_bytes + nbytes < limit or not inflight):
-            rec = q.popleft()
-            if len(rec.line) + 128 > biggest:
-                # past the server's max_payload: it would close the connection
-                self.queued_bytes -= len(rec.line)
-                self.dropped += 1
-                self.too_big += 1
-                self.lost_unreported += 1 + rec.lost
-                continue
-            if self.lost_unreported:
-                rec.lost += self.lost_unreported
-                self.lost_unreported = 0
-            if rec.lost:
-                lost[rec.n] = rec.lost
-            rec.sent_at = now
-            inflight[rec.n] = rec
-            nbytes += len(rec.line)
-            numbers.append(rec.n)
-            subjects.append(rec.subject)
-            ids.append(rec.id)
-            lines.append(rec.line)
-        self.queued_bytes -= nbytes
-        self.inflight_bytes += nbytes
-        data = wire.frames(
-            subjects, self._reply_prefix, numbers, self.msgid_prefix, ids, lines, lost
-        )
+        if self._batch_id is not None and not self._committing:
+            return max(0.0, self._batch_sent_at + fastbatch.LINGER - now)
+        if self.queue and self._hold_until > now:
+            return self._hold_until - now
+        return None
+
+    async def _commit(self) -> None:
+        assert self._batch_id is not None
+        self._committing = True
+        self._batch_sent_at = time.monotonic()
+        self._bseq += 1
+        data = fastbatch.commit(self._raw_subject, self._reply_prefix, self._batch_id, self._bseq)
         try:
             await wire.write(self.nc, data)
         except Exception as e:  # a dead connection: the disconnect sends it again
             log.info("NATS write failed", extra={"event": "forward_error", "error": str(e)})
 
+    async def _send(self, most: int) -> None:
+        q, inflight, batch = self.queue, self.inflight, self.batch
+        subjects, replies, ids, lines = [], [], [], []
+        lost: dict[int, int] = {}
+        now = time.monotonic()
+        nbytes = 0
+        limit = self.inflight_limit
+        biggest = getattr(self.nc, "max_payload", 0) or 1 << 62
+        prefix = self._reply_prefix
+        while (
+            q
+            and len(lines) < most
+            and (self.inflight_bytes + nbytes < limit or not (inflight or batch))
+        ):
+            rec = q[0]
+            if len(rec.line) + 128 > biggest:
+                # past the server's max_payload: it would close the connection
+                q.popleft()
+                self.queued_bytes -= len(rec.line)
+                self.dropped += 1
+                self.too_big += 1
+                self.lost_unreported += 1 + rec.lost
+                continue
+            if self.batched and not rec.resent:
+                if self._batch_waits(rec):
+                    break
+                if self._batch_id is None:
+                    self._batches += 1
+                    self._batch_id = b"%s-%d" % (self.epoch.encode(), self._batches)
+                    self._bseq = 0
+                self._bseq += 1
+                rec.bseq = self._bseq
+                batch.append(rec)
+                replies.append(fastbatch.reply(prefix, self._batch_id, self._bseq))
+                self._batch_sent_at = now
+            else:
+                inflight[rec.n] = rec
+                replies.append(b"%s%d" % (prefix, rec.n))
+            q.popleft()
+            if self.lost_unreported:
+                rec.lost += self.lost_unreported
+                self.lost_unreported = 0
+            if rec.lost:
+                lost[len(lines)] = rec.lost
+            rec.sent_at = now
+            nbytes += len(rec.line)
+            subjects.append(rec.subject)
+            ids.append(rec.id)
+            lines.append(rec.line)
+        self.queued_bytes -= nbytes
+        self.inflight_bytes += nbytes
+        if not lines:
+            return
+        data = wire.frames(subjects, replies, self.msgid_prefix, ids, lines, lost)
+        try:
+            await wire.write(self.nc, data)
+        except Exception as e:  # a dead connection: the disconnect sends it again
+            log.info("NATS write failed", extra={"event": "forward_error", "error": str(e)})
+
+    def _oldest(self) -> _Rec | None:
+        single = next(iter(self.inflight.values()), None)
+        batched = self.batch[0] if self.batch else None
+        if single is None or batched is None:
+            return single or batched
+        return single if single.n < batched.n else batched
+
     async def _ack_timer(self) -> None:
         """Records whose ack is later than ack_timeout are sent again."""
         while True:
             await asyncio.sleep(min(1.0, self.ack_timeout / 4))
-            oldest = next(iter(self.inflight.values()), None)
+            oldest = self._oldest()
             if (
+                self._committing
+                and oldest is None
+                and time.monotonic() - self._batch_sent_at > self.ack_timeout
+            ):
+                self._end_batch()  # the commit's PubAck lost: every record was acked
+            elif (
                 self.connected
                 and oldest is not None
                 and time.monotonic() - oldest.sent_at > self.ack_timeout
             ):
                 log.info(
                     "acks late; sending again",
-                    extra={"event": "forward_retry", "records": len(self.inflight)},
+                    extra={"event": "forward_retry", "records": self.in_flight},
                 )
                 self._resend()
                 self._wake.set()
@@ -502,7 +698,7 @@ class Forwarder:
     # --- what it reports ----------------------------------------------------------
 
     def lag_seconds(self) -> float:
-        oldest = next(iter(self.inflight.values()), None) or (self.queue[0] if self.queue else None)
+        oldest = self._oldest() or (self.queue[0] if self.queue else None)
         if oldest is None:
             return 0.0
         return max(0.0, time.time() - oldest.ts_ns / 1e9)
@@ -526,7 +722,8 @@ class Forwarder:
             "reconnects": self.reconnects,
             "buffer_bytes": self.buffer_bytes,
             "buffer_limit": self.buffer_limit,
-            "in_flight": len(self.inflight),
+            "in_flight": self.in_flight,
+            "acks": self.acks,
             "lag_records": self.unacked,
             "lag_seconds": round(self.lag_seconds(), 3),
         }

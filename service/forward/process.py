@@ -121,6 +121,7 @@ class ForwardProcess:
             "buffer_bytes": 0,
             "buffer_limit": cfg["buffer_bytes"],
             "in_flight": 0,
+            "acks": None,  # "batch" or "record", once the child has seen the stream
             "connected": False,
             "lag_records": 0,
             "lag_seconds": 0.0,

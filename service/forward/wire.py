@@ -20,7 +20,6 @@ credentials, the ack subscription and the JetStream API.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any
 
 # the one place ringstream reaches into nats-py: its outgoing buffer, which
@@ -39,31 +38,28 @@ def subject_token(name: str) -> str:
 
 def frames(
     subjects: list[bytes],
-    reply_prefix: bytes,
-    numbers: Sequence[int],
+    replies: list[bytes],
     msgid_prefix: bytes,
     ids: list[int],
     lines: list[bytes],
     lost: dict[int, int],
 ) -> bytes:
-    """HPUB frames for records numbered `numbers` (their reply subject is
-    reply_prefix + number, so each PubAck names its record); `lost` maps a
-    number to the count of records dropped before it."""
+    """HPUB frames for records k = 0.. (reply subject replies[k], so each
+    answer names its record or batch position); `lost` maps a k to the count
+    of records dropped before it."""
     out = []
-    for k, n in enumerate(numbers):
-        line = lines[k]
-        if n in lost:
+    for k, line in enumerate(lines):
+        if k in lost:
             hdr = b"NATS/1.0\r\nNats-Msg-Id: %s%d\r\nRingstream-Lost: %d\r\n\r\n" % (
                 msgid_prefix,
                 ids[k],
-                lost[n],
+                lost[k],
             )
         else:
             hdr = b"NATS/1.0\r\nNats-Msg-Id: %s%d\r\n\r\n" % (msgid_prefix, ids[k])
         h = len(hdr)
         out.append(
-            b"HPUB %s %s%d %d %d\r\n%s%s\r\n"
-            % (subjects[k], reply_prefix, n, h, h + len(line), hdr, line)
+            b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subjects[k], replies[k], h, h + len(line), hdr, line)
         )
     return b"".join(out)
 
