@@ -47,6 +47,15 @@ def local_stream(svc: Service, path: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["curl", "-sN", svc.url("/events?from=0")], stdout=out)
 
 
+def stop_edge(svc: Service, curl: subprocess.Popen[bytes]) -> tuple[str, dict[str, Any]]:
+    """SIGTERM: the run's epoch, and the forward_stopped log line once the
+    buffer is flushed and the local stream has ended."""
+    epoch = get_json(svc.url("/query"))["epoch"]
+    assert svc.terminate() == 0
+    curl.wait(30)
+    return epoch, svc.wait_log("forward_stopped")
+
+
 def records_in(path: Path) -> dict[int, bytes]:
     got: dict[int, bytes] = {}
     for line in path.read_bytes().splitlines():
@@ -100,10 +109,7 @@ def test_every_record_is_in_the_stream_once_across_a_nats_kill_and_restart(
             nats.start()
             svc.wait_log("forward_reconnected")
             wait_for("the backlog forwarded", lambda: forward(svc)["forwarded"] > before + 4000)
-            epoch = get_json(svc.url("/query"))["epoch"]
-            assert svc.terminate() == 0
-            curl.wait(30)
-            stopped = svc.wait_log("forward_stopped")
+            epoch, stopped = stop_edge(svc, curl)
         assert stopped["unforwarded"] == 0 and stopped["dropped"] == 0
         local = records_in(tmp_path / "local.ndjson")
         assert stopped["forwarded"] == len(local)
@@ -150,10 +156,7 @@ def test_a_record_the_stream_refuses_for_good_is_dropped_counted_and_said(
             wait_for("the refusal counted", lambda: forward(svc)["dropped"] == 1)
             after = forward(svc)["forwarded"]
             wait_for("records after it", lambda: forward(svc)["forwarded"] > after + 500)
-            epoch = get_json(svc.url("/query"))["epoch"]
-            assert svc.terminate() == 0
-            curl.wait(30)
-            stopped = svc.wait_log("forward_stopped")
+            epoch, stopped = stop_edge(svc, curl)
         assert stopped["dropped"] == 1 and stopped["unforwarded"] == 0
         local = records_in(tmp_path / "local.ndjson")
         messages = read_stream(nats.url, "RINGSTREAM", stopped["forwarded"])
@@ -182,10 +185,7 @@ def test_a_cluster_node_dies_and_the_edge_goes_on_through_another(tmp_path: Path
             wait_for("another node", lambda: forward(svc)["server"] not in (server, None))
             done = forward(svc)["forwarded"]
             wait_for("records forwarded again", lambda: forward(svc)["forwarded"] > done + 2000)
-            epoch = get_json(svc.url("/query"))["epoch"]
-            assert svc.terminate() == 0
-            curl.wait(30)
-            stopped = svc.wait_log("forward_stopped")
+            epoch, stopped = stop_edge(svc, curl)
         assert stopped["unforwarded"] == 0 and stopped["dropped"] == 0
         alive = [n.url for n in cluster.nodes if n is not node]
         local = records_in(tmp_path / "local.ndjson")

@@ -443,10 +443,7 @@ class Forwarder:
                 # refused for good (the stream's max_msg_size): sending it
                 # again would not change that
                 del self.inflight[n]
-                self.inflight_bytes -= len(rec.line)
-                self.dropped += 1
-                self.too_big += 1
-                self.lost_unreported += 1 + rec.lost
+                self._refused_for_good(rec)
             return  # else the ack timer sends it again
         del self.inflight[n]
         self.inflight_bytes -= len(rec.line)
@@ -502,17 +499,21 @@ class Forwarder:
         self._committing = False
         b = self.batch
         if b and self._refused and b[0].bseq == self._refused:
-            rec = b.popleft()
-            self.inflight_bytes -= len(rec.line)
-            self.dropped += 1
-            self.too_big += 1
-            self.lost_unreported += 1 + rec.lost
+            self._refused_for_good(b.popleft())
         self._refused = 0
         if b:
             self._resend()
         if hold:
             self._hold_until = time.monotonic() + fastbatch.HOLD
         self._wake.set()
+
+    def _refused_for_good(self, rec: _Rec) -> None:
+        """An in-flight record JetStream will never take: dropped, counted,
+        and said by the next message's Ringstream-Lost."""
+        self.inflight_bytes -= len(rec.line)
+        self.dropped += 1
+        self.too_big += 1
+        self.lost_unreported += 1 + rec.lost
 
     def _nak(self, msg: Any, error: Mapping[str, Any] | None = None) -> None:
         now = time.monotonic()
