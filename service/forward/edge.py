@@ -508,9 +508,13 @@ class Forwarder:
         self._wake.set()
 
     def _refused_for_good(self, rec: _Rec) -> None:
-        """An in-flight record JetStream will never take: dropped, counted,
-        and said by the next message's Ringstream-Lost."""
+        """An in-flight record JetStream will never take."""
         self.inflight_bytes -= len(rec.line)
+        self._drop_too_big(rec)
+
+    def _drop_too_big(self, rec: _Rec) -> None:
+        """A record too big to forward: dropped, counted, and said by the
+        next message's Ringstream-Lost."""
         self.dropped += 1
         self.too_big += 1
         self.lost_unreported += 1 + rec.lost
@@ -606,10 +610,7 @@ class Forwarder:
         self._batch_sent_at = time.monotonic()
         self._bseq += 1
         data = fastbatch.commit(self._raw_subject, self._reply_prefix, self._batch_id, self._bseq)
-        try:
-            await wire.write(self.nc, data)
-        except Exception as e:  # a dead connection: the disconnect sends it again
-            log.info("NATS write failed", extra={"event": "forward_error", "error": str(e)})
+        await self._write(data)
 
     async def _send(self, most: int) -> None:
         q, inflight, batch = self.queue, self.inflight, self.batch
@@ -630,9 +631,7 @@ class Forwarder:
                 # past the server's max_payload: it would close the connection
                 q.popleft()
                 self.queued_bytes -= len(rec.line)
-                self.dropped += 1
-                self.too_big += 1
-                self.lost_unreported += 1 + rec.lost
+                self._drop_too_big(rec)
                 continue
             if self.batched and not rec.resent:
                 if self._batch_waits(rec):
@@ -665,6 +664,9 @@ class Forwarder:
         if not lines:
             return
         data = wire.frames(subjects, replies, self.msgid_prefix, ids, lines, lost)
+        await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
         try:
             await wire.write(self.nc, data)
         except Exception as e:  # a dead connection: the disconnect sends it again

@@ -39,7 +39,7 @@ FLOW = 500  # the most messages between two flow acks the edge allows
 LINGER = 0.01  # seconds with nothing to send before an open batch is committed
 HOLD = 0.5  # seconds before a new batch after one failed
 
-OP_START, OP_APPEND, OP_COMMIT, OP_COMMIT_EOB = 0, 1, 2, 3
+OP_START, OP_APPEND, OP_COMMIT_EOB = 0, 1, 3  # (2 commits with a stored last message)
 
 # the server's error codes (nats-server server/jetstream_errors_generated.go)
 DISABLED = 10205  # the stream's allow_batched was turned off
