@@ -80,9 +80,9 @@ async function connect() {
     q.set("format", "sse");
     const es = new EventSource(`events?${q}`);
     const epochOf = (e) => { const dash = e.lastEventId.lastIndexOf("-"); return dash > 0 ? e.lastEventId.slice(0, dash) : epoch; };
-    es.onmessage = (e) => { if (gen === st.gen) take(JSON.parse(e.data), epochOf(e)); };
-    es.addEventListener("gap", (e) => { if (gen === st.gen) take(JSON.parse(e.data), epoch); });
-    es.addEventListener("end", (e) => { if (gen === st.gen) take(JSON.parse(e.data), epoch); });
+    es.onmessage = (e) => take(JSON.parse(e.data), epochOf(e));
+    es.addEventListener("gap", (e) => take(JSON.parse(e.data), epoch));
+    es.addEventListener("end", (e) => take(JSON.parse(e.data), epoch));
     es.onopen = () => { status("live", "live"); st.backoff = 500; };
     es.onerror = () => { if (st.conn !== es) return; if (es.readyState === EventSource.CLOSED) retry(); else status("reconnecting", "down"); };
     st.conn = es;
@@ -90,7 +90,7 @@ async function connect() {
     q.set("batch", "500");
     const ws = new WebSocket(new URL(`ws?${q}`, location.href).href.replace(/^http/, "ws"));
     ws.onopen = () => { status("live", "live"); st.backoff = 500; };
-    ws.onmessage = (e) => { if (gen !== st.gen) return; const m = JSON.parse(e.data); if (Array.isArray(m)) for (const x of m) take(x, epoch); else take(m, epoch); };
+    ws.onmessage = (e) => { const m = JSON.parse(e.data); if (Array.isArray(m)) for (const x of m) take(x, epoch); else take(m, epoch); };
     ws.onclose = () => { if (st.conn === ws) retry(); };
     st.conn = ws;
   }
