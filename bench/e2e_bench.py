@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import describe as describe_machine
+from machine import proc_cpu as _proc_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -330,14 +331,6 @@ class Cpu:
     procs: dict[int, float]
     busy: float  # machine, seconds of all CPUs together
     total: float
-
-
-def _proc_cpu(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
 def _machine_cpu() -> tuple[float, float]:

@@ -21,3 +21,12 @@ def describe() -> str:
         f"Linux {platform.release()}; Python {platform.python_version()} "
         f"({platform.python_implementation()})"
     )
+
+
+def proc_cpu(pid: int) -> float | None:
+    """A process's CPU seconds so far (utime + stime), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
